@@ -1,0 +1,193 @@
+"""The QMP commands: each one a small function over the proxy and its job.
+
+A command is registered with @command(name, arg=type, ...); `?arg` marks an
+optional argument.  Argument checking (missing, unexpected, wrong type) is
+done once, here, with QEMU's wording; the functions only do their job.
+"""
+
+from .job import JobError
+from .jobstate import JobStateError
+from .options import OptionError, make_job_options
+from .qmp import QMPError
+
+_TYPES = {str: "string", int: "integer", bool: "boolean", dict: "object"}
+COMMANDS = {}
+
+
+def command(name, **params):
+    def register(fn):
+        COMMANDS[name] = (fn, params)
+        return fn
+    return register
+
+
+def _check_args(args, params):
+    spec = {k.lstrip("_"): (t, not k.startswith("_")) for k, t in params.items()}
+    for key in args:
+        if key.replace("-", "_") not in spec:
+            raise QMPError("GenericError", f"Parameter '{key}' is unexpected")
+    out = {}
+    for name, (typ, required) in spec.items():
+        key = name.replace("_", "-")
+        if key not in args:
+            if required:
+                raise QMPError("GenericError", f"Parameter '{key}' is missing")
+            continue
+        value = args[key]
+        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        if not ok:
+            raise QMPError("GenericError", f"Invalid parameter type for "
+                                           f"'{key}', expected: {_TYPES[typ]}")
+        out[name] = value
+    return out
+
+
+class Control:
+    """dispatch() is what the QMP server calls, in a worker thread."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def dispatch(self, name, args):
+        if name not in COMMANDS:
+            raise QMPError("CommandNotFound", f"The command {name} has not "
+                                              "been found")
+        fn, params = COMMANDS[name]
+        kwargs = _check_args(args, params)
+        try:
+            return fn(self.proxy, **kwargs)
+        except (JobStateError, JobError, OptionError) as e:
+            raise QMPError("GenericError", str(e)) from None
+
+    # -- lookups --------------------------------------------------------
+    @staticmethod
+    def block_job(proxy, device):
+        job = proxy.job
+        if job is None or job.id != device or job.state.finished:
+            raise QMPError("DeviceNotActive",
+                           f"No active block job on device '{device}'")
+        return job
+
+    @staticmethod
+    def job(proxy, job_id):
+        job = proxy.job
+        if job is None or job.id != job_id or job.state.finished:
+            raise QMPError("GenericError", f"Job '{job_id}' not found")
+        return job
+
+
+# -- commands -----------------------------------------------------------------
+
+@command("query-status")
+def query_status(proxy):
+    return {"running": True, "status": "running", "singlestep": False}
+
+
+@command("query-version")
+def query_version(proxy):
+    from .qmp import VERSION
+    return VERSION
+
+
+@command("query-commands")
+def query_commands(proxy):
+    return [{"name": n} for n in sorted(COMMANDS) + ["qmp_capabilities"]]
+
+
+@command("query-block-jobs")
+def query_block_jobs(proxy):
+    job = proxy.job
+    return [] if job is None or job.state.finished else [job.block_job_info()]
+
+
+@command("query-jobs")
+def query_jobs(proxy):
+    job = proxy.job
+    return [] if job is None or job.state.finished else [job.job_info()]
+
+
+@command("drive-mirror", device=str, target=str, sync=str, _job_id=str,
+         _speed=int, _granularity=int, _buf_size=int, _copy_mode=str,
+         _on_source_error=str, _on_target_error=str, _target_is_zero=bool,
+         _format=str, _mode=str)
+def drive_mirror(proxy, device, target, sync, format="raw", mode=None,
+                 **job_args):
+    if device != proxy.device:
+        raise QMPError("DeviceNotFound", f"Cannot find device='{device}' nor "
+                                         f"node-name='{device}'")
+    if format != "raw":
+        raise QMPError("GenericError", f"format: only 'raw' targets are "
+                                       f"supported, not {format!r}")
+    args = {k.replace("_", "-"): v for k, v in job_args.items()}
+    args.setdefault("job-id", device)
+    opts = make_job_options(dict(args, target=target, sync=sync))
+    proxy.start_job(opts)
+    return {}
+
+
+@command("block-job-complete", device=str)
+def block_job_complete(proxy, device):
+    Control.block_job(proxy, device).complete()
+    return {}
+
+
+@command("job-complete", id=str)
+def job_complete(proxy, id):
+    Control.job(proxy, id).complete()
+    return {}
+
+
+@command("block-job-cancel", device=str, _force=bool)
+def block_job_cancel(proxy, device, force=False):
+    Control.block_job(proxy, device).cancel(force)
+    return {}
+
+
+@command("job-cancel", id=str)
+def job_cancel(proxy, id):
+    Control.job(proxy, id).cancel(force=True)
+    return {}
+
+
+@command("block-job-pause", device=str)
+def block_job_pause(proxy, device):
+    Control.block_job(proxy, device).pause()
+    return {}
+
+
+@command("job-pause", id=str)
+def job_pause(proxy, id):
+    Control.job(proxy, id).pause()
+    return {}
+
+
+@command("block-job-resume", device=str)
+def block_job_resume(proxy, device):
+    Control.block_job(proxy, device).resume()
+    return {}
+
+
+@command("job-resume", id=str)
+def job_resume(proxy, id):
+    Control.job(proxy, id).resume()
+    return {}
+
+
+@command("block-job-set-speed", device=str, speed=int)
+def block_job_set_speed(proxy, device, speed):
+    Control.block_job(proxy, device).set_speed(speed)
+    return {}
+
+
+@command("block-job-change", id=str, type=str, copy_mode=str)
+def block_job_change(proxy, id, type, copy_mode):
+    if type != "mirror":
+        raise QMPError("GenericError", f"type: {type!r} is not 'mirror'")
+    Control.block_job(proxy, id).change(copy_mode)
+    return {}
+
+
+@command("quit")
+def quit_(proxy):
+    proxy.request_shutdown()
+    return {}
