@@ -122,7 +122,7 @@ class NbdWriter:
         self.h.aio_pwrite(nbd.Buffer.from_buffer(view), offset,
                           completion=lambda err: done(err.value) or 1)
 
-    def zero(self, count, offset, done, fast):
+    def zero(self, count, offset, fast, done):
         flags = nbd.CMD_FLAG_FAST_ZERO if fast else 0
         self.h.aio_zero(count, offset, flags=flags,
                         completion=lambda err: done(err.value) or 1)
@@ -349,8 +349,10 @@ class Copier:
         while self.issuing and self._requests < MAX_REQUESTS:
             if time.monotonic() < self.retry_at:
                 return
-            if not self._queue and not self._new_op():
-                return
+            if not self._queue:
+                if not self._new_op():
+                    return
+                continue         # the op may have needed no request at all
             piece = self._queue[0]
             if piece.kind == "read":
                 if not self._free or self.ratelimit.delay() > 0:
@@ -379,7 +381,7 @@ class Copier:
         self._requests += 1
         if self.writer.can_zero:
             self._start(piece, self.writer.zero, piece.length, piece.offset,
-                        fast=self.writer.fast_zero)
+                        self.writer.fast_zero)
         else:   # no WRITE_ZEROES: write zero buffers
             piece.kind = "write"
             self._start(piece, self.writer.write,

@@ -65,7 +65,7 @@ TRANSITIONS = {
 _LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY}
 
 VERBS = {
-    "cancel": _LIVE | {S.PENDING},
+    "cancel": _LIVE,       # pending is left at once (no manual finalize)
     "pause": _LIVE,
     "resume": _LIVE,
     "set-speed": _LIVE,

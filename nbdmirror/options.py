@@ -73,8 +73,7 @@ def parse_nbd_uri(value, name="target"):
     """Check that `value` is an NBD URI libnbd can connect to."""
     if not isinstance(value, str) or not value:
         raise OptionError(f"{name}: expected an NBD URI")
-    scheme = urllib.parse.urlsplit(value).scheme
-    if scheme not in NBD_SCHEMES:
+    if not is_nbd_uri(value):
         raise OptionError(
             f"{name}: {value!r} is not an NBD URI "
             f"({', '.join(s + '://' for s in NBD_SCHEMES)})")
@@ -82,7 +81,9 @@ def parse_nbd_uri(value, name="target"):
 
 
 def is_nbd_uri(value):
-    return urllib.parse.urlsplit(value).scheme in NBD_SCHEMES
+    """An NBD URI as libnbd takes it (not QEMU's legacy nbd:unix:PATH)."""
+    return "://" in value and \
+        urllib.parse.urlsplit(value).scheme in NBD_SCHEMES
 
 
 def parse_source(value):

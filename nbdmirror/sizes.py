@@ -3,7 +3,7 @@
 import re
 
 _SUFFIX = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text, what="size"):
@@ -22,7 +22,7 @@ def parse_size(text, what="size"):
         raise ValueError(
             f"{what}: {text!r} is not a size (a number of bytes, "
             "optionally with a K, M, G or T suffix)")
-    return int(m.group(1)) << (10 * _SUFFIX[m.group(2).upper()])
+    return int(m.group(1)) << (10 * _SUFFIX[(m.group(2) or "").upper()])
 
 
 def format_size(n):
