@@ -153,11 +153,12 @@ class Op:
 
 class Piece:
     """One request.  kind: 'read' (then 'write' or 'zero'), or 'zero'."""
-    __slots__ = ("kind", "offset", "length", "op", "buf")
+    __slots__ = ("kind", "offset", "length", "op", "buf", "fast")
 
     def __init__(self, kind, offset, length, op):
         self.kind, self.offset, self.length, self.op = kind, offset, length, op
         self.buf = None
+        self.fast = False        # a zero sent with NBD_CMD_FLAG_FAST_ZERO
 
 
 class Copier:
@@ -380,8 +381,9 @@ class Copier:
         self._clear_target_zero(piece.offset, piece.length)
         self._requests += 1
         if self.writer.can_zero:
+            piece.fast = self.writer.fast_zero
             self._start(piece, self.writer.zero, piece.length, piece.offset,
-                        self.writer.fast_zero)
+                        piece.fast)
         else:   # no WRITE_ZEROES: write zero buffers
             piece.kind = "write"
             self._start(piece, self.writer.write,
@@ -439,8 +441,7 @@ class Copier:
         try:
             extents = self.cache.get(start, end)
         except (nbd.Error, OSError) as e:
-            op.error = CopyError("read", getattr(e, "errno", None) or errno.EIO,
-                                 start)
+            op.error = CopyError("read", endpoints.nbd_errno(e), start)
             self._end_op(op)
             self.on_error(op.error)
             return True
@@ -494,8 +495,7 @@ class Copier:
             if piece.kind == "read" and not err:
                 self._read_done(piece)
                 continue
-            if err == errno.ENOTSUP and piece.kind == "zero" \
-                    and self.writer.fast_zero:
+            if err in (errno.ENOTSUP, errno.EOPNOTSUPP) and piece.fast:
                 self.writer.fast_zero = False      # retry as a plain zero
                 self._zero(piece)
                 continue

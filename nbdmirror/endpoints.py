@@ -49,7 +49,10 @@ class Extent:
 
 
 def nbd_errno(exc):
-    """The errno carried by an nbd.Error (EIO if none)."""
+    """The errno number of an nbd.Error or OSError (EIO if none).  (An
+    nbd.Error's `errno` is a name such as 'EINVAL'; `errnum` the number.)"""
+    if isinstance(exc, nbd.Error):
+        return exc.errnum or errno.EIO
     return getattr(exc, "errno", None) or errno.EIO
 
 
@@ -68,7 +71,7 @@ def connect(uri, contexts=(BASE_ALLOCATION,), name="nbdmirror"):
 
 def nbd_block_status(h, offset, count, want_depth=False):
     """Extents of [offset, offset+count) (the server may return less)."""
-    count = min(count, MAX_STATUS)
+    count = min(count, MAX_STATUS, h.get_size() - offset)
     got = {}
 
     def cb(metacontext, off, entries, err):

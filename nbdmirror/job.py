@@ -254,9 +254,10 @@ class Job:
                 if self._finish(action):
                     return
                 continue
+            if self.status is Status.RUNNING and c.converged() \
+                    and self._flush_then(self._ready):
+                continue
             c.pump(IDLE_WAKEUP)
-            if self.status is Status.RUNNING and c.converged():
-                self._flush_then(lambda: self._ready())
 
     def _pause_step(self):
         """Let in-flight copies finish, then sit still until woken."""
