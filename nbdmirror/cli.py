@@ -226,12 +226,18 @@ class Client:
         except Exception as e:      # noqa: BLE001
             raise Failure(f"{path}: cannot connect: {e}") from None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.qmp.close()
+
     def cmd(self, name, **args):
         from qemu.qmp import ExecuteError
         try:
             return self.qmp.cmd(name, **args)
         except ExecuteError as e:
-            raise Failure(e.error.desc) from None
+            raise Failure(_error_desc(e)) from None
 
     def job(self):
         jobs = self.cmd("query-block-jobs")
@@ -242,8 +248,17 @@ class Client:
     def event(self, timeout=None):
         return self.qmp.pull_event(wait=True if timeout is None else timeout)
 
-    def close(self):
-        self.qmp.close()
+
+
+def _error_desc(e):
+    """The `desc` of a qemu.qmp ExecuteError (its layout changed between
+    releases)."""
+    err = getattr(e, "error", None)
+    for obj in (getattr(err, "error", None), err):
+        desc = getattr(obj, "desc", None)
+        if isinstance(desc, str):
+            return desc
+    return str(e)
 
 
 def _client(args):
@@ -264,117 +279,118 @@ def _wait_end(c):
 
 
 def status(args):
-    c = _client(args)
-    jobs = c.cmd("query-block-jobs")
-    if args.json:
-        print(json.dumps(jobs[0] if jobs else None))
+    with _client(args) as c:
+        jobs = c.cmd("query-block-jobs")
+        if args.json:
+            print(json.dumps(jobs[0] if jobs else None))
+            return 0
+        if not jobs:
+            print("no active job")
+            return 0
+        j = jobs[0]
+        t0, off0 = time.monotonic(), j["offset"]
+        if j["status"] in ("running", "ready") and not j["paused"]:
+            time.sleep(0.5)
+            j = c.job()
+        rate = max(0.0, (j["offset"] - off0) / (time.monotonic() - t0))
+        left = j["len"] - j["offset"]
+        pct = 100.0 * j["offset"] / j["len"] if j["len"] else 100.0
+        eta = f"{left / rate:.0f} s" if rate and left else "-"
+        print(f"job {j['device']}: {j['status']}"
+              f"{' (paused)' if j['paused'] and j['status'] not in ('paused', 'standby') else ''}, "
+              f"{format_size(j['offset'])} of {format_size(j['len'])} ({pct:.1f} %), "
+              f"rate {format_size(rate)}/s, ETA {eta}"
+              + (f", speed limit {format_size(j['speed'])}/s" if j["speed"] else "")
+              + (f", io-status {j['io-status']}" if j["io-status"] != "ok" else "")
+              + (f", error: {j['error']}" if j.get("error") else ""))
         return 0
-    if not jobs:
-        print("no active job")
-        return 0
-    j = jobs[0]
-    t0, off0 = time.monotonic(), j["offset"]
-    if j["status"] in ("running", "ready") and not j["paused"]:
-        time.sleep(0.5)
-        j = c.job()
-    rate = max(0.0, (j["offset"] - off0) / (time.monotonic() - t0))
-    left = j["len"] - j["offset"]
-    pct = 100.0 * j["offset"] / j["len"] if j["len"] else 100.0
-    eta = f"{left / rate:.0f} s" if rate and left else "-"
-    print(f"job {j['device']}: {j['status']}"
-          f"{' (paused)' if j['paused'] and j['status'] not in ('paused', 'standby') else ''}, "
-          f"{format_size(j['offset'])} of {format_size(j['len'])} ({pct:.1f} %), "
-          f"rate {format_size(rate)}/s, ETA {eta}"
-          + (f", speed limit {format_size(j['speed'])}/s" if j["speed"] else "")
-          + (f", io-status {j['io-status']}" if j["io-status"] != "ok" else "")
-          + (f", error: {j['error']}" if j.get("error") else ""))
-    return 0
 
 
 def watch(args):
     from tqdm import tqdm
-    c = _client(args)
-    j = c.job()
-    bar = tqdm(total=j["len"], unit="B", unit_scale=True, unit_divisor=1024,
-               disable=not sys.stderr.isatty(), desc=j["device"])
-    try:
-        while True:
-            jobs = c.cmd("query-block-jobs")
-            if not jobs:
-                bar.set_postfix_str("ended")
-                return 0
-            j = jobs[0]
-            bar.total = j["len"]
-            bar.n = j["offset"]
-            bar.set_postfix_str(j["status"])
-            bar.refresh()
-            if j["status"] == "ready" and j["offset"] == j["len"]:
-                return 0
-            try:
-                c.event(0.5)
-            except Exception:       # noqa: BLE001 - timeout: poll again
-                pass
-    finally:
-        bar.close()
-        if bar.disable:
-            print(f"{j['device']}: {j['status']}, {j['offset']} of {j['len']} bytes")
+    with _client(args) as c:
+        j = c.job()
+        quiet = not sys.stderr.isatty()
+        bar = tqdm(total=j["len"], unit="B", unit_scale=True, unit_divisor=1024,
+                   disable=quiet, desc=j["device"])
+        try:
+            while True:
+                jobs = c.cmd("query-block-jobs")
+                if not jobs:
+                    bar.set_postfix_str("ended")
+                    return 0
+                j = jobs[0]
+                bar.total = j["len"]
+                bar.n = j["offset"]
+                bar.set_postfix_str(j["status"])
+                bar.refresh()
+                if j["status"] == "ready" and j["offset"] == j["len"]:
+                    return 0
+                try:
+                    c.event(0.5)
+                except Exception:       # noqa: BLE001 - timeout: poll again
+                    pass
+        finally:
+            bar.close()
+            if quiet:
+                print(f"{j['device']}: {j['status']}, {j['offset']} of {j['len']} bytes")
 
 
 def events(args):
-    c = _client(args)
-    if not c.cmd("query-block-jobs"):
-        return 0
-    while True:
-        ev = c.event()
-        print(json.dumps(ev), flush=True)
-        if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "null":
+    with _client(args) as c:
+        if not c.cmd("query-block-jobs"):
             return 0
+        while True:
+            ev = c.event()
+            print(json.dumps(ev), flush=True)
+            if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "null":
+                return 0
 
 
 def start(args):
     if not args.target:
         raise Usage("start: --target is required")
-    c = _client(args)
-    cmd = {"device": args.device, "target": args.target,
-           "sync": args.sync or "full"}
-    for key, value in _job_keys(args).items():
-        if key in ("target", "sync"):
-            continue
-        if key in ("speed", "granularity", "buf-size"):
-            value = parse_size(value, key)
-        elif key == "target-is-zero":
-            value = True
-        cmd[key] = value
-    c.cmd("drive-mirror", **cmd)
-    if args.wait_ready:
-        while c.job()["status"] != "ready":
-            try:
-                c.event(0.5)
-            except Exception:       # noqa: BLE001
-                pass
-    return 0
+    with _client(args) as c:
+        cmd = {"device": args.device, "target": args.target,
+               "sync": args.sync or "full", "job-id": "mirror0"}
+        for key, value in _job_keys(args).items():
+            if key in ("target", "sync"):
+                continue
+            if key in ("speed", "granularity", "buf-size"):
+                value = parse_size(value, key)
+            elif key == "target-is-zero":
+                value = True
+            cmd[key] = value
+        c.cmd("drive-mirror", **cmd)
+        if args.wait_ready:
+            while c.job()["status"] != "ready":
+                try:
+                    c.event(0.5)
+                except Exception:       # noqa: BLE001
+                    pass
+        return 0
 
 
 def complete(args):
-    c = _client(args)
-    c.cmd("block-job-complete", device=c.job()["device"])
-    return _wait_end(c) if args.wait else 0
+    with _client(args) as c:
+        c.cmd("block-job-complete", device=c.job()["device"])
+        return _wait_end(c) if args.wait else 0
 
 
 def cancel(args):
-    c = _client(args)
-    c.cmd("block-job-cancel", device=c.job()["device"], force=args.force)
-    return _wait_end(c) if args.wait else 0
+    with _client(args) as c:
+        c.cmd("block-job-cancel", device=c.job()["device"], force=args.force)
+        return _wait_end(c) if args.wait else 0
 
 
 def pause(args):
-    c = _client(args)
-    c.cmd("block-job-pause", device=c.job()["device"])
+    with _client(args) as c:
+        c.cmd("block-job-pause", device=c.job()["device"])
 
 
 def resume(args):
-    c = _client(args)
-    c.cmd("block-job-resume", device=c.job()["device"])
+    with _client(args) as c:
+        c.cmd("block-job-resume", device=c.job()["device"])
 
 
 def set_speed(args):
@@ -382,8 +398,8 @@ def set_speed(args):
         rate = parse_size(args.rate, "rate")
     except ValueError as e:
         raise Usage(str(e)) from None
-    c = _client(args)
-    c.cmd("block-job-set-speed", device=c.job()["device"], speed=rate)
+    with _client(args) as c:
+        c.cmd("block-job-set-speed", device=c.job()["device"], speed=rate)
 
 
 # -- verify --------------------------------------------------------------------------

@@ -152,9 +152,11 @@ class Processes:
                 time.sleep(0.02)
 
     def stop_all(self):
-        """Stop every process, newest first; never raises for one of them."""
+        """Stop every process, proxies first (a server may wait for its
+        clients), then newest first; never raises for one of them."""
         errors = []
-        for proc in reversed(self.procs):
+        for proc in sorted(reversed(self.procs),
+                           key=lambda p: p.name != "nbdmirror"):
             try:
                 self.stop(proc)
             except Exception as e:     # keep stopping the others
