@@ -369,7 +369,7 @@ def story(demo):
     try:
         client.cmd_obj({"execute": "quit"})
     except Exception as e:      # noqa: BLE001 - the reply may race the exit
-        detail(f"(no reply to quit: {type(e).__name__}: {e})")
+        detail(f"(no reply to quit; the connection closed first: {e})")
     deadline = time.monotonic() + 10
     while pid and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)

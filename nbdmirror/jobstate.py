@@ -125,7 +125,7 @@ class JobState:
         self.check("pause")
         if self.user_paused:
             raise VerbError(self.job_id, self.status, "pause",
-                            "The block job is already paused")
+                            "Job is already paused")
         self.user_paused = True
 
     def resume(self):

@@ -200,7 +200,7 @@ def test_pause_then_resume(status):
 def test_pause_twice_is_refused_with_qemus_message():
     js = job_in(S.RUNNING)
     js.pause()
-    with pytest.raises(VerbError, match="^The block job is already paused$"):
+    with pytest.raises(VerbError, match="^Job is already paused$"):
         js.pause()
     assert js.user_paused
 
