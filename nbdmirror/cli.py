@@ -158,11 +158,10 @@ def serve(args):
     plugin_keys = {"source": opts.source, "control": opts.control,
                    "device": opts.device, **_job_keys(args)}
     cmd += ["python", PLUGIN] + [f"{k}={v}" for k, v in plugin_keys.items()]
+    for path in (args.control, args.socket):
+        _remove_stale_socket(path)
     if args.foreground:
         os.execvp(cmd[0], cmd)
-    for path in (args.control, args.socket):
-        if path and os.path.exists(path):
-            os.unlink(path)
     try:
         _start_daemon(cmd, pidfile, [opts.control] +
                       ([os.path.abspath(args.socket)] if args.socket else []))
@@ -189,6 +188,13 @@ def _start_daemon(cmd, pidfile, sockets):
             if not _alive(pidfile):
                 raise Failure("nbdkit exited during start-up")
             time.sleep(0.02)
+
+
+def _remove_stale_socket(path):
+    """Unlink a socket file nobody listens on (left by a killed proxy);
+    a live one stays, and nbdkit reports it as in use."""
+    if path and os.path.exists(path) and not _accepts(path):
+        os.unlink(path)
 
 
 def _accepts(path):

@@ -8,7 +8,7 @@ done once, here, with QEMU's wording; the functions only do their job.
 from .job import JobError
 from .jobstate import JobStateError
 from .options import OptionError, make_job_options
-from .qmp import QMPError
+from .qmp import AfterReply, QMPError
 
 _TYPES = {str: "string", int: "integer", bool: "boolean", dict: "object"}
 COMMANDS = {}
@@ -189,5 +189,4 @@ def block_job_change(proxy, id, type, copy_mode):
 
 @command("quit")
 def quit_(proxy):
-    proxy.request_shutdown()
-    return {}
+    return AfterReply({}, proxy.request_shutdown)

@@ -19,9 +19,9 @@ Invariants (see also bitmap.py and extents.py):
   * If any piece of an op fails, the whole op's chunks are marked dirty
     again when the op ends.  Progress (`done_bytes`) grows only when an op
     ends without error: it counts work done, not work issued.
-  * Bytes of data in flight never exceed buf-size: each read takes a buffer
-    from a fixed pool of buf-size / piece-size buffers, reused, never
-    reallocated.
+  * Bytes of data in flight never exceed buf-size (or one 4K piece when it
+    is smaller): each read takes a buffer from a fixed pool of buf-size /
+    piece-size buffers, reused, never reallocated.
 """
 
 import collections
@@ -179,10 +179,12 @@ class Copier:
         self.on_error = on_error or (lambda e: None)
         self.cache = ExtentCache(reader.extents)
         self.ratelimit = RateLimit(speed)
-        self._piece_size = REQUEST_SIZE
+        # Data pieces fit buf-size: a pool of buf-size / piece bytes buffers.
+        self._max_piece = max(4096, min(REQUEST_SIZE, buf_size) & ~4095)
+        self._piece_size = self._max_piece
         self.set_speed(speed)
-        nbuf = max(1, buf_size // REQUEST_SIZE)
-        self._free = [bytearray(REQUEST_SIZE) for _ in range(nbuf)]
+        nbuf = max(1, buf_size // self._max_piece)
+        self._free = [bytearray(self._max_piece) for _ in range(nbuf)]
         self._zeroes = bytes(REQUEST_SIZE)
         self._zero_view = memoryview(self._zeroes)
         self._inflight = bitarray(bitmap.chunks)   # chunks of live ops
@@ -207,8 +209,8 @@ class Copier:
     def set_speed(self, speed):
         self.ratelimit.set_speed(speed)
         # Small requests under a limit keep the rate smooth: ~20 per second.
-        self._piece_size = REQUEST_SIZE if not speed else \
-            max(4096, min(REQUEST_SIZE, (speed // 20) & ~4095))
+        self._piece_size = self._max_piece if not speed else \
+            max(4096, min(self._max_piece, (speed // 20) & ~4095))
 
     def wake(self):
         """Called from any thread: make pump() return soon."""

@@ -80,7 +80,7 @@ def nbd_uri(sock):
     return f"nbd+unix:///?socket={sock}"
 
 
-# -- processes ------------------------------------------------------------------
+# -- processes ---------------------------------------------------------------
 
 class Demo:
     """The temp dir, the processes and the QMP client, all torn down by
@@ -101,9 +101,10 @@ class Demo:
                         for a in args)
         detail(f"$ {text}")
 
-    def run(self, args, check=True):
-        """Run a tool to the end; return (exit status, output)."""
-        self.show(args)
+    def run(self, args, check=True, shown=None):
+        """Run a tool to the end; return (exit status, output).  `shown`:
+        the command line to print, if not `args`."""
+        self.show(shown or args)
         r = subprocess.run(args, capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=STEP_TIMEOUT)
         out = (r.stdout + r.stderr).strip()
@@ -113,8 +114,9 @@ class Demo:
         return r.returncode, out
 
     def nbdmirror(self, *args, check=True):
+        """`nbdmirror ARGS` (run as this interpreter's -m nbdmirror)."""
         return self.run([sys.executable, "-m", "nbdmirror", *args],
-                        check=check)
+                        check=check, shown=["nbdmirror", *args])
 
     def qemu_io(self, uri, cmds, check=True):
         return self.run(["qemu-io", "-f", "raw", uri] +
@@ -187,7 +189,8 @@ def wait_for_socket(path, proc, timeout=STEP_TIMEOUT):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise CheckFailed(f"{proc.name} exited with status {proc.returncode}")
+            raise CheckFailed(f"{proc.name} exited with status "
+                              f"{proc.returncode}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(path)
@@ -199,7 +202,7 @@ def wait_for_socket(path, proc, timeout=STEP_TIMEOUT):
     raise CheckFailed(f"{path}: no connection accepted in {timeout} s")
 
 
-# -- the story ----------------------------------------------------------------------
+# -- the story ---------------------------------------------------------------
 
 def make_source(path):
     rng = random.Random(2024)

@@ -22,6 +22,14 @@ VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0},
            "package": "nbdmirror"}
 
 
+class AfterReply:
+    """A command's result plus an action to run once the reply is sent
+    (quit: the reply must reach the client before the server goes away)."""
+
+    def __init__(self, result, action):
+        self.result, self.action = result, action
+
+
 class QMPError(Exception):
     """An error reply: {"error": {"class": cls, "desc": desc}}."""
 
@@ -169,10 +177,12 @@ class QMPServer:
                         text = "" if nl < 0 else text[nl + 1:]
                         continue
                     text = text[end:]
-                    reply = await self._handle(client, msg)
-                    if reply is not None:
-                        client.send(reply)
-                        await writer.drain()
+                    reply, action = await self._handle(client, msg)
+                    client.send(reply)
+                    await writer.drain()
+                    if action is not None:
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, action)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -180,6 +190,13 @@ class QMPServer:
             writer.close()
 
     async def _handle(self, client, msg):
+        """(reply, action to run after sending it, or None)."""
+        result = await self._execute(client, msg)
+        if isinstance(result, AfterReply):
+            return _reply(msg.get("id"), result.result), result.action
+        return result, None
+
+    async def _execute(self, client, msg):
         if not isinstance(msg, dict):
             return _error(None, "GenericError",
                           "QMP input must be a JSON object")
@@ -216,7 +233,7 @@ class QMPServer:
             return _error(mid, e.cls, e.desc)
         except Exception as e:       # noqa: BLE001 - never kill the session
             return _error(mid, "GenericError", f"{type(e).__name__}: {e}")
-        return _reply(mid, result)
+        return result if isinstance(result, AfterReply) else _reply(mid, result)
 
 
 def _incomplete(text):

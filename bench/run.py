@@ -1,0 +1,561 @@
+"""nbdmirror benchmark: the proxy against nbdcopy and direct reads.
+
+    .venv/bin/python bench/run.py [--quick] [--runs N] [--strict]
+    make bench
+
+One invocation measures, on the same servers, each pair below (best of N
+runs) and prints them with their ratio and the project's aim:
+
+  a. time to ready for a random-data source with an idle guest:
+     drive-mirror on a running proxy until BLOCK_JOB_READY, against
+     `nbdcopy --flush` from the same source; the target is a fresh
+     `nbdkit memory` for every run.  Two sources: the raw file served by
+     the proxy itself (nbdcopy reads the same file), and that file behind
+     qemu-nbd (both read the same qemu-nbd URI).       aim: ratio <= 1.2
+  b. guest sequential read throughput, `nbdcopy --request-size=R URI
+     null:` through the idle proxy, against reading the source directly:
+     nbdkit's file plugin for the file source, the same qemu-nbd for the
+     NBD source; R = 1 MiB (b1, b2) and nbdcopy's default 256 KiB (b3,
+     b4): the proxy's cost is per request.                   aim: >= 0.8
+  c. a sparse source (64 GiB virtual, 256 MiB of data) behind qemu-nbd,
+     target qemu-nbd on a fresh sparse raw file: nbdmirror's time to ready
+     against nbdcopy's between the same servers (aim <= 1.0), and the
+     target's allocated bytes against the source's (aim <= 1.05).
+
+nbdcopy gets --flush because `ready` includes a target flush.  For the
+time-to-ready rows the runs line also shows the proxy's own view (the
+`created` and BLOCK_JOB_READY event time stamps), which excludes QMP.
+The load average is printed: other work on the machine skews the figures,
+hence best of N with the two sides taking turns to go first.
+
+With --quick the sizes shrink (64 MiB; 4 GiB virtual with 16 MiB of data)
+for a smoke test.  Exit status: 0 when every measurement ran (aims missed
+or not; with --strict, 1 when an aim is missed), 1 when one failed.
+"""
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+MiB, GiB = 1 << 20, 1 << 30
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Sizes:
+    data: int               # random-data source (a, b)
+    sparse: int             # virtual size of the sparse source (c)
+    sparse_data: int        # data in it, in 1 MiB pieces spread evenly
+    timeout: float          # seconds one copy may take
+
+
+FULL = Sizes(data=1 * GiB, sparse=64 * GiB, sparse_data=256 * MiB, timeout=300)
+QUICK = Sizes(data=64 * MiB, sparse=4 * GiB, sparse_data=16 * MiB, timeout=60)
+
+
+class BenchError(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    pass
+
+
+# -- processes and servers ---------------------------------------------------
+
+class Processes:
+    """Long-running children; each in its own session, logged, and stopped
+    by pid (SIGTERM, then SIGKILL) by stop() or stop_all()."""
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+        self.procs = []
+        self.started = 0
+
+    def start(self, args, name):
+        self.started += 1
+        log = os.path.join(self.logdir, f"{name}-{self.started}.log")
+        # This checkout's package, unless PYTHONPATH names another one.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (os.environ.get("PYTHONPATH"), REPO) if p))
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([os.fspath(a) for a in args], stdout=f,
+                                    stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env,
+                                    cwd=self.logdir, start_new_session=True)
+        proc.name, proc.log = name, log
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self):
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+    @staticmethod
+    def log_tail(proc, limit=2000):
+        try:
+            with open(proc.log, "rb") as f:
+                return f.read()[-limit:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def uri(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def wait_socket(path, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.name} exited {proc.returncode}:\n"
+                             f"{Processes.log_tail(proc)}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{path}: not accepting after {timeout} s")
+            time.sleep(0.01)
+        finally:
+            s.close()
+
+
+class Bench:
+    def __init__(self, sizes, runs):
+        self.sizes, self.runs = sizes, runs
+        self.dir = tempfile.mkdtemp(prefix="nbdm-bench-", dir="/tmp")
+        self.procs = Processes(self.dir)
+        self.clients = []        # QMP clients, closed before the servers
+        self._n = 0
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def sock(self, name):
+        self._n += 1
+        return self.path(f"{name}{self._n}.sock")
+
+    def close(self):
+        for client in self.clients:
+            client.close()
+        self.procs.stop_all()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # servers: each returns (uri, proc)
+    def qemu_nbd(self, image):
+        sock = self.sock("qnbd")
+        p = self.procs.start(["qemu-nbd", "-k", sock, "-e", "0", "-t",
+                              "-f", "raw", image], "qemu-nbd")
+        wait_socket(sock, p)
+        return uri(sock), p
+
+    def nbdkit(self, *args):
+        sock = self.sock("nbdkit")
+        p = self.procs.start(["nbdkit", "-f", "--exit-with-parent", "-U",
+                              sock, *args], "nbdkit")
+        wait_socket(sock, p)
+        return uri(sock), p
+
+    def proxy(self, source):
+        """`nbdmirror serve --foreground` without a target; (proxy, qmp)."""
+        g, c = self.sock("guest"), self.sock("qmp")
+        p = self.procs.start([sys.executable, "-m", "nbdmirror", "serve",
+                              "--foreground", "--source", source,
+                              "--socket", g, "--control", c], "nbdmirror")
+        wait_socket(g, p)
+        wait_socket(c, p)
+        p.uri = uri(g)
+        qmp = QMP(c)
+        qmp.proc = p
+        self.clients.append(qmp)
+        return p, qmp
+
+    def tool(self, args, timeout=None):
+        """Run a tool to the end; return its wall time in seconds."""
+        t0 = time.monotonic()
+        r = subprocess.run(args, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL,
+                           timeout=timeout or self.sizes.timeout)
+        t = time.monotonic() - t0
+        if r.returncode != 0:
+            raise BenchError(f"{' '.join(args)} exited {r.returncode}: "
+                             f"{r.stdout}{r.stderr}")
+        return t
+
+
+class QMP:
+    def __init__(self, path):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        self.c = QEMUMonitorProtocol(path)
+        self.c.connect(negotiate=True)
+        self.c.settimeout(30)
+        self.seen = []
+
+    def cmd(self, name, **args):
+        r = self.c.cmd_obj({"execute": name, "arguments": args})
+        if "error" in r:
+            raise BenchError(f"{name}: {r['error'].get('desc')}")
+        return r["return"]
+
+    def wait_event(self, names, timeout):
+        """The next event named in `names`; the others pulled on the way
+        are kept in self.seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"no {names} within {timeout} s")
+            try:
+                ev = self.c.pull_event(wait=float(left))
+            except asyncio.TimeoutError:
+                continue
+            if ev and ev["event"] in names:
+                return ev
+            if ev:
+                self.seen.append(ev)
+
+    def close(self):
+        if self.c is None:
+            return
+        try:
+            self.c.close()
+        except Exception:       # noqa: BLE001 - the server may be gone
+            pass
+        self.c = None
+
+
+# -- measurements ------------------------------------------------------------
+
+@dataclass
+class Row:
+    key: str
+    what: str
+    ours: list = field(default_factory=list)      # samples, nbdmirror
+    base: list = field(default_factory=list)      # samples, baseline
+    unit: str = "s"        # "s" (lower is better), "MB/s", "MiB"
+    aim: tuple = None      # ("<=" | ">=", value)
+    error: str = None
+    note: str = ""
+    server: list = field(default_factory=list)    # nbdmirror's own view
+
+    def best(self, samples):
+        if not samples:
+            return None
+        return min(samples) if self.unit in ("s", "MiB") else max(samples)
+
+    @property
+    def ratio(self):
+        o, b = self.best(self.ours), self.best(self.base)
+        return None if o is None or not b else o / b
+
+    @property
+    def verdict(self):
+        if self.error:
+            return "ERROR"
+        r = self.ratio
+        if r is None or self.aim is None:
+            return ""
+        op, v = self.aim
+        return "ok" if (r <= v if op == "<=" else r >= v) else "MISS"
+
+
+def stamp(ev):
+    return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+
+
+def mirror_to_ready(bench, row, qmp, target_uri):
+    """drive-mirror on an idle proxy; seconds until BLOCK_JOB_READY.  The
+    proxy's own view (event time stamps, from `created` to READY) goes to
+    row.server.  The job is then soft-cancelled (target left consistent)
+    and waited for."""
+    qmp.c.clear_events()
+    qmp.seen.clear()
+    t0 = time.monotonic()
+    qmp.cmd("drive-mirror", device="disk0", target=target_uri, sync="full")
+    ev = qmp.wait_event(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
+                         "BLOCK_JOB_CANCELLED"), bench.sizes.timeout)
+    t = time.monotonic() - t0
+    if ev["event"] != "BLOCK_JOB_READY":
+        tail = Processes.log_tail(qmp.proc).strip().splitlines()[-3:]
+        raise BenchError(f"job ended before ready: {ev['data']}; the "
+                         f"proxy's log ends: {' | '.join(tail)}")
+    created = [e for e in qmp.seen if e["event"] == "JOB_STATUS_CHANGE"
+               and e["data"]["status"] == "created"]
+    if created:
+        row.server.append(stamp(ev) - stamp(created[0]))
+    qmp.cmd("block-job-cancel", device=ev["data"]["device"])   # the job id
+    ev = qmp.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), 60)
+    if ev["data"].get("error"):
+        raise BenchError(f"job failed after ready: {ev['data']['error']}")
+    deadline = time.monotonic() + 10
+    while qmp.cmd("query-block-jobs"):      # until the job is dismissed
+        if time.monotonic() > deadline:
+            raise BenchError("the job is still listed 10 s after it ended")
+        time.sleep(0.01)
+    return t
+
+
+def interleaved(runs):
+    """(run, side) pairs; the side that goes first alternates, so that a
+    cold cache or a burst of load does not always hit the same side."""
+    for i in range(runs):
+        for side in (("ours", "base") if i % 2 == 0 else ("base", "ours")):
+            yield i, side
+
+
+def measure_time_to_ready(bench, row, proxy_qmp, source_for_nbdcopy, size):
+    for _, side in interleaved(bench.runs):
+        tgt, p = bench.nbdkit("memory", str(size))
+        if side == "ours":
+            row.ours.append(mirror_to_ready(bench, row, proxy_qmp, tgt))
+        else:
+            row.base.append(bench.tool(["nbdcopy", "--flush",
+                                        source_for_nbdcopy, tgt]))
+        bench.procs.stop(p)
+
+
+def measure_read(bench, row, proxy_uri, direct_uri, size, request):
+    uris = {"ours": proxy_uri, "base": direct_uri}
+    for _, side in interleaved(bench.runs):
+        rate = size / 1e6 / bench.tool(["nbdcopy", f"--request-size={request}",
+                                        uris[side], "null:"])
+        getattr(row, side).append(rate)
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+def measure_sparse(bench, row_t, row_a, src_uri, src_path, proxy_qmp):
+    """c1 (time) and c2 (nbdmirror's target allocation vs the source's)."""
+    size = bench.sizes.sparse
+    nbdcopy_alloc = []
+    for i, side in interleaved(bench.runs):
+        tpath = bench.path(f"sparse-tgt-{side}-{i}.img")
+        with open(tpath, "wb") as f:
+            f.truncate(size)
+        tgt, p = bench.qemu_nbd(tpath)
+        if side == "ours":
+            row_t.ours.append(mirror_to_ready(bench, row_t, proxy_qmp, tgt))
+        else:
+            row_t.base.append(bench.tool(["nbdcopy", "--flush", src_uri, tgt]))
+        bench.procs.stop(p)
+        alloc = allocated(tpath) / MiB
+        if side == "ours":
+            row_a.ours.append(alloc)
+            row_a.base.append(allocated(src_path) / MiB)
+        else:
+            nbdcopy_alloc.append(alloc)
+        os.unlink(tpath)
+    if nbdcopy_alloc:
+        row_a.note = f"nbdcopy's target: {min(nbdcopy_alloc):.1f} MiB"
+
+
+# -- images ------------------------------------------------------------------
+
+def make_random(path, size):
+    rng = random.Random(1)
+    with open(path, "wb") as f:
+        for off in range(0, size, 16 * MiB):
+            f.write(rng.randbytes(min(16 * MiB, size - off)))
+        f.flush()
+        os.fsync(f.fileno())     # no writeback during the measurements
+
+
+def make_sparse(path, size, data):
+    """`data` bytes in 1 MiB pieces spread evenly over `size`."""
+    rng = random.Random(2)
+    pieces = data // MiB
+    step = size // pieces
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(pieces):
+            f.seek(i * step)
+            f.write(rng.randbytes(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- the run -----------------------------------------------------------------
+
+def run_all(bench, rows):
+    s = bench.sizes
+    size_text = (f"{s.data / GiB:g} GiB" if s.data >= GiB
+                 else f"{s.data // MiB} MiB")
+    rnd = bench.path("random.img")
+    log(f"creating {size_text} of random data")
+    make_random(rnd, s.data)
+    src_uri, _ = bench.qemu_nbd(rnd)
+    direct_file_uri, _ = bench.nbdkit("file", rnd)
+    proxy_file, qmp_file = bench.proxy(rnd)
+    proxy_nbd, qmp_nbd = bench.proxy(src_uri)
+
+    def row(key, what, **kw):
+        r = Row(key, what, **kw)
+        rows.append(r)
+        return r
+
+    steps = [       # (row, measure, its arguments after bench and row)
+        (row("a1", f"time to ready, {size_text} random, file source",
+             aim=("<=", 1.2)),
+         measure_time_to_ready, (qmp_file, rnd, s.data)),
+        (row("a2", f"time to ready, {size_text} random, qemu-nbd source",
+             aim=("<=", 1.2)),
+         measure_time_to_ready, (qmp_nbd, src_uri, s.data)),
+    ]
+    reads = [("file src vs nbdkit-file", proxy_file.uri, direct_file_uri),
+             ("qemu-nbd src vs qemu-nbd", proxy_nbd.uri, src_uri)]
+    keys = iter(("b1", "b2", "b3", "b4"))
+    for request, text in ((MiB, "1M"), (256 << 10, "256K")):
+        for what, ours, direct in reads:
+            steps.append((row(next(keys), f"guest seq. read {text}, {what}",
+                              unit="MB/s", aim=(">=", 0.8)),
+                          measure_read, (ours, direct, s.data, request)))
+    for r, measure, args in steps:
+        log(f"{r.key}: {r.what}")
+        try:
+            measure(bench, r, *args)
+        except BenchError as e:
+            r.error = str(e)
+    for q in (qmp_file, qmp_nbd):
+        q.close()
+    for p in (proxy_file, proxy_nbd):
+        bench.procs.stop(p)
+    os.unlink(rnd)
+
+    virt = f"{s.sparse // GiB} GiB"
+    rt = row("c1", f"time to ready, {virt} sparse, "
+                   f"{s.sparse_data // MiB} MiB data", aim=("<=", 1.0))
+    ra = row("c2", "allocation: target vs source", unit="MiB",
+             aim=("<=", 1.05))
+    log(f"c: creating a {virt} sparse source with "
+        f"{s.sparse_data // MiB} MiB of data")
+    sparse = bench.path("sparse.img")
+    make_sparse(sparse, s.sparse, s.sparse_data)
+    sparse_uri, _ = bench.qemu_nbd(sparse)
+    proxy_sparse, qmp_sparse = bench.proxy(sparse_uri)
+    log(f"{rt.key}/{ra.key}: {rt.what}")
+    try:
+        measure_sparse(bench, rt, ra, sparse_uri, sparse, qmp_sparse)
+    except BenchError as e:
+        rt.error = ra.error = str(e)
+    qmp_sparse.close()
+
+
+def fmt_value(v, unit):
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v:.2f} s"
+    if unit == "MB/s":
+        return f"{v:.0f} MB/s"
+    return f"{v:.1f} MiB"
+
+
+def print_table(rows, bench):
+    base_name = {"a": "nbdcopy", "b": "direct", "c": "nbdcopy"}
+    print()
+    print(f"nbdmirror benchmark: best of {bench.runs}, {os.cpu_count()} cores,"
+          f" load average {bench.load[0]:.1f} -> {bench.load[-1]:.1f}"
+          f"{' (--quick sizes)' if bench.sizes is QUICK else ''}")
+    head = (f"{'':3} {'measurement':47} {'nbdmirror':>11} {'baseline':>11}"
+            f" {'vs':8} {'ratio':>6}  {'aim':8} {'':5}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        base = "source" if r.key == "c2" else base_name[r.key[0]]
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
+        aim = f"{r.aim[0]} {r.aim[1]}" if r.aim else ""
+        print(f"{r.key:3} {r.what:47} {fmt_value(r.best(r.ours), r.unit):>11}"
+              f" {fmt_value(r.best(r.base), r.unit):>11} {base:8}"
+              f" {ratio:>6}  {aim:8} {r.verdict:5}")
+    print()
+    for r in rows:
+        if r.error:
+            print(f"{r.key} error: {r.error}")
+        elif r.ours:
+            samples = lambda xs: ", ".join(  # noqa: E731
+                fmt_value(x, r.unit) for x in xs)
+            print(f"{r.key} runs: nbdmirror [{samples(r.ours)}]; "
+                  f"baseline [{samples(r.base)}]"
+                  + (f"; {r.note}" if r.note else ""))
+            if r.server:
+                print(f"{'':3}nbdmirror's own event stamps, created -> "
+                      f"READY: [{samples(r.server)}]")
+
+
+def log(msg):
+    print(f"--> {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes, for a smoke test")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs per measurement (default 3; 2 with --quick)")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 when an aim is missed")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    runs = args.runs or (2 if args.quick else 3)
+
+    need = sizes.data + 2 * sizes.sparse_data + 512 * MiB
+    free = shutil.disk_usage("/tmp").free
+    if free < need:
+        print(f"bench: need {need / GiB:.1f} GiB free in /tmp, "
+              f"have {free / GiB:.1f} GiB", file=sys.stderr)
+        return 1
+
+    def on_term(signum, frame):
+        raise Interrupted()
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench = Bench(sizes, runs)
+    log(f"working in {bench.dir}")
+    rows = []
+    bench.load = [os.getloadavg()[0]]
+    try:
+        run_all(bench, rows)
+    except (KeyboardInterrupt, Interrupted):
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        bench.close()
+        bench.load.append(os.getloadavg()[0])
+        if rows:
+            print_table(rows, bench)
+    if any(r.error for r in rows):
+        return 1
+    if args.strict and any(r.verdict == "MISS" for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
