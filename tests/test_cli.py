@@ -363,6 +363,8 @@ def test_verbs_without_a_job_fail(rig, command):
     ["start", "--control", "{control}"],         # no --target
     ["start", "--control", "{control}", "--target", "t", "--sync", "most"],
     ["verify", "only-one.img"],
+    ["serve", "--source", "/dev/null", "--control", "{control}",
+     "--threads", "0"],
     [],
 ])
 def test_bad_usage_exits_2(workdir, args):
