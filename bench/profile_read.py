@@ -27,7 +27,6 @@ import argparse
 import os
 import resource
 import sys
-import time
 
 from run import MiB, Bench, BenchError, Sizes, make_random
 

@@ -20,7 +20,7 @@ import traceback
 from . import endpoints
 from .bitmap import DirtyBitmap
 from .copier import CopyError, Copier, NbdWriter, open_reader
-from .jobstate import Action, JobState, JobStateError, Status
+from .jobstate import Action, JobState, Status
 
 ABORT_GRACE = 2.0       # seconds a cancel waits for in-flight requests
 IDLE_WAKEUP = 1.0       # the job thread looks around at least this often

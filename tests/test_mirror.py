@@ -19,121 +19,15 @@ import time
 
 import pytest
 
-from helpers import (HarnessError, make_image, nbd_read_all, nbd_unix_uri,
-                     nbdkit_server, nbdmirror_env, qemu_io, qemu_nbd,
-                     qmp_execute, random_bytes, sha256_file,
-                     sha256_uri, start_proxy, REPO)
+from helpers import (REPO, EventLog, assert_holds, guest_write, job_status,
+                     make_image, nbd_unix_uri, nbdkit_server, nbdmirror_env,
+                     ok, qemu_io, qemu_nbd, qmp_execute, random_bytes,
+                     sha256_file, sha256_uri, start_proxy)
 
 MiB = 1 << 20
 
 
 # -- local helpers ---------------------------------------------------------------
-
-class EventLog:
-    """Every event one QMP client receives, in order.
-
-    helpers.wait_event drops the events it passes over; these tests check
-    whole event sequences, so they keep them all.
-    """
-
-    def __init__(self, client):
-        self.client = client
-        self.events = []
-        self._next = 0          # events before this index were waited past
-
-    def _pull(self, timeout):
-        event = self.client.pull_event(wait=float(max(timeout, 0.001)))
-        if event is not None:
-            self.events.append(event)
-
-    def wait(self, name, status=None, timeout=30):
-        """The next event `name` (a JOB_STATUS_CHANGE to `status`, if given)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i in range(self._next, len(self.events)):
-                e = self.events[i]
-                if e["event"] == name and (
-                        status is None or e["data"].get("status") == status):
-                    self._next = i + 1
-                    return e
-                if e["event"] == "JOB_STATUS_CHANGE" and \
-                        e["data"]["status"] == "null":
-                    raise HarnessError(f"the job ended before {name} "
-                                       f"{status or ''}: {self.tokens()} "
-                                       f"{self.events[-3:]}")
-            self._next = len(self.events)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HarnessError(f"no {name} {status or ''} within "
-                                   f"{timeout} s; saw {self.tokens()}")
-            try:
-                self._pull(remaining)
-            except TimeoutError:
-                pass
-
-    def wait_end(self, timeout=30):
-        """Wait until the job is gone (JOB_STATUS_CHANGE to null)."""
-        return self.wait("JOB_STATUS_CHANGE", "null", timeout)
-
-    def mark(self):
-        """An index into the log: events received from now on come after it."""
-        while (event := self.client.pull_event(wait=False)) is not None:
-            self.events.append(event)
-        return len(self.events)
-
-    def tokens(self, since=0):
-        """Events as short names: a JOB_STATUS_CHANGE is its new status."""
-        return [e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE"
-                else e["event"] for e in self.events[since:]]
-
-    def named(self, name):
-        return [e for e in self.events if e["event"] == name]
-
-
-def ok(reply):
-    """The `return` of a QMP reply; fail on an error reply."""
-    assert "error" not in reply, reply
-    return reply["return"]
-
-
-def job_status(client):
-    """The job's status from query-block-jobs, or None when there is none."""
-    jobs = ok(qmp_execute(client, "query-block-jobs"))
-    return jobs[0]["status"] if jobs else None
-
-
-def guest_write(uri, shadow, *writes):
-    """Write (offset, length, pattern byte) ranges through `uri` with one
-    qemu-io run, and apply them to `shadow` (a bytearray model of the disk)."""
-    qemu_io(uri, *(f"write -P {p:#x} {off} {n}" for off, n, p in writes))
-    for off, n, p in writes:
-        shadow[off:off + n] = bytes([p]) * n
-
-
-def first_difference(actual, expected):
-    """None if equal, else a short description of the first difference."""
-    if actual == expected:
-        return None
-    if len(actual) != len(expected):
-        return f"sizes differ: {len(actual)} != {len(expected)}"
-    for off in range(0, len(actual), MiB):
-        a, b = actual[off:off + MiB], expected[off:off + MiB]
-        if a != b:
-            i = next(i for i in range(len(a)) if a[i] != b[i])
-            return (f"first difference at offset {off + i}: "
-                    f"{a[i]:#04x} != {b[i]:#04x}")
-
-
-def assert_holds(uri_or_path, expected, what):
-    """The export (NBD URI) or file holds exactly `expected`."""
-    if "://" not in uri_or_path:
-        with open(uri_or_path, "rb") as f:
-            actual = f.read()
-    else:
-        actual = nbd_read_all(uri_or_path)
-    diff = first_difference(actual, expected)
-    assert diff is None, f"{what}: {diff}"
-
 
 class Setup:
     """A seeded raw source, a qemu-nbd target on a fresh image of the same

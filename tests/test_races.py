@@ -10,9 +10,9 @@ dirty, so the target still ends equal to what the guest wrote.
 
 import pytest
 
-from helpers import (make_image, nbd_read_all, nbdkit_server, qmp_execute,
-                     random_bytes, start_proxy, wait_event)
-from test_workload import Workload, assert_equal, job_status, wait_ready
+from helpers import (job_status, make_image, nbd_read_all, nbdkit_server,
+                     qmp_execute, random_bytes, start_proxy, wait_event)
+from test_workload import Workload, assert_equal, wait_ready
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 1 * MiB

@@ -19,8 +19,8 @@ import time
 import nbd
 import pytest
 
-from helpers import (make_image, nbd_read_all, qemu_nbd, qmp_execute,
-                     random_bytes, start_proxy, wait_event)
+from helpers import (job_status, make_image, nbd_read_all, qemu_nbd,
+                     qmp_execute, random_bytes, start_proxy, wait_event)
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -107,11 +107,6 @@ def wait_ready(client, timeout=60):
         if event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             pytest.fail(f"the job ended before ready: {seen}")
     pytest.fail(f"no BLOCK_JOB_READY within {timeout} s; saw {seen}")
-
-
-def job_status(client):
-    jobs = qmp_execute(client, "query-block-jobs")["return"]
-    return jobs[0]["status"] if jobs else None
 
 
 def assert_equal(actual, expected, what):
