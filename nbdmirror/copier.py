@@ -28,6 +28,7 @@ import collections
 import errno
 import os
 import select
+import threading
 import time
 
 import nbd
@@ -203,6 +204,7 @@ class Copier:
         self.issuing = True      # False: let in-flight work drain, start none
         self.retry_at = 0.0      # after an ignored error, back off until then
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()
         self._handles = list(reader.handles) + list(writer.handles)
 
     # -- control ---------------------------------------------------------
@@ -213,11 +215,16 @@ class Copier:
             max(4096, min(self._max_piece, (speed // 20) & ~4095))
 
     def wake(self):
-        """Called from any thread: make pump() return soon."""
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass
+        """Called from any thread: make pump() return soon.  A guest thread
+        may call it after close() (it read the tracker just before the job
+        ended): the lock makes that a no-op, never a write to a reused fd."""
+        with self._wake_lock:
+            if self._wake_w is None:
+                return
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass
 
     @property
     def busy(self):
@@ -237,8 +244,10 @@ class Copier:
                 end.close()
             except Exception:
                 pass
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
 
     # -- the initial scan ------------------------------------------------
     def scan(self, should_stop=lambda: False):

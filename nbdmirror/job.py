@@ -215,6 +215,7 @@ class Job:
         finally:
             if not self.pivoted:
                 self.guest.set_tracker(None)
+            self.bitmap.on_dirty = None
             if self.copier is not None:
                 self.copier.close()
             self._done.set()
