@@ -422,7 +422,8 @@ class Copier:
         return -1
 
     def _new_op(self):
-        """Take the next run of dirty chunks and queue its pieces."""
+        """Take the next run of dirty chunks and queue its pieces.  False
+        when there is nothing to take (or looking at it failed)."""
         bm = self.bitmap
         c0 = self._find_work()
         if c0 < 0:
@@ -455,7 +456,7 @@ class Copier:
             op.error = CopyError("read", endpoints.nbd_errno(e), start)
             self._end_op(op)
             self.on_error(op.error)
-            return True
+            return False         # let the job apply the policy first
         for e in extents:
             if self._skippable(e):
                 continue

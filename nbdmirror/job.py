@@ -373,3 +373,4 @@ class Job:
                 self.state.pause_on_error()
             else:
                 self.copier.retry_at = time.monotonic() + 0.1
+        self.copier.wake()           # the loop looks at the new action now

@@ -37,12 +37,12 @@ class Rig:
         return nbdkit_server(self.procs, self.workdir / "tgt.sock", "file",
                              img, f"error={error}", *keys, filters=["error"])
 
-    def failing_source(self):
-        """The source file behind nbdkit, reads failing while triggered."""
+    def failing_source(self, op="pread"):
+        """The source file behind nbdkit, `op` failing while triggered."""
         return nbdkit_server(self.procs, self.workdir / "src.sock", "file",
                              self.src, "error=EIO",
-                             f"error-pread-file={self.trigger}",
-                             "error-pread-rate=100%", filters=["error"])
+                             f"error-{op}-file={self.trigger}",
+                             f"error-{op}-rate=100%", filters=["error"])
 
     def start(self, target, source=None, **job_options):
         """A proxy without a job, then drive-mirror: the client sees every
@@ -173,4 +173,25 @@ def test_source_read_error_with_policy_stop_pauses_until_resumed(rig):
     rig.trigger.unlink()
     ok(qmp_execute(rig.client, "block-job-resume", device="mirror0"))
     log.wait("BLOCK_JOB_READY")
+    rig.complete_and_check()
+
+
+def test_source_block_status_error_after_ready_stops_the_job(rig):
+    """Block status fails only once the job is ready: the guest's write
+    needs a fresh look at the source, which fails; with `stop` the job
+    moves to standby (and does not spin), then resumes and converges."""
+    source = rig.failing_source("extents")
+    log = rig.start(rig.failing_target(ops=()), source=source,
+                    on_source_error="stop")
+    log.wait("BLOCK_JOB_READY")
+    rig.trigger.touch()
+    guest_write(rig.proxy.uri, rig.shadow, (3 * MiB, 5000, 0x77))
+    err = log.wait("BLOCK_JOB_ERROR")
+    assert err["data"] == {"device": "mirror0", "operation": "read",
+                           "action": "stop"}
+    log.wait("JOB_STATUS_CHANGE", "standby")
+    assert len(log.named("BLOCK_JOB_ERROR")) == 1
+    rig.trigger.unlink()
+    ok(qmp_execute(rig.client, "block-job-resume", device="mirror0"))
+    log.wait("JOB_STATUS_CHANGE", "ready")
     rig.complete_and_check()
