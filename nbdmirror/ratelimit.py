@@ -35,7 +35,8 @@ class RateLimit:
         if not self.speed:
             return 0.0
         self._refill()
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.speed
+        # Less than a byte of debt is rounding, not debt.
+        return 0.0 if self._tokens > -1 else -self._tokens / self.speed
 
     def consume(self, nbytes):
         if self.speed:
