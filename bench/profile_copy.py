@@ -42,6 +42,7 @@ def run_copier(src, tgt, size, profile):
     if prof:
         prof.enable()
     try:
+        c.learn_target()
         c.scan()
         while not c.converged():
             c.pump(1.0)
@@ -116,14 +117,14 @@ def fresh_target(bench, case, size, i):
     """(uri, stop) of an empty target for one run."""
     if case != "sparse":
         uri, p = bench.nbdkit("memory", str(size))
-        return uri, lambda: bench.procs.stop(p)
+        return uri, lambda: bench.stop(p)
     path = bench.path(f"target-{i}.img")
     with open(path, "wb") as f:
         f.truncate(size)
     uri, p = bench.qemu_nbd(path)
 
     def stop():
-        bench.procs.stop(p)
+        bench.stop(p)
         os.unlink(path)
     return uri, stop
 

@@ -77,37 +77,32 @@ def main(argv=None):
         make_random(img, size)
         q_uri, q = bench.qemu_nbd(img)
         plug = os.path.join(HERE, "plugins")
-
-        def nbdkit(*a):
-            return bench.nbdkit(*a)
-
+        nbdkit = bench.nbdkit
         c_uri, c = nbdkit("nbd", f"uri={q_uri}")
         p_uri, p = nbdkit("python", os.path.join(plug, "forward_nbd.py"),
                           f"uri={q_uri}")
         pn_uri, pn = nbdkit("python", os.path.join(plug, "forward_nbd.py"),
                             f"uri={q_uri}", "initialize=false")
-        m, mq = bench.proxy(q_uri)
+        m = bench.proxy(q_uri)
         f_uri, f = nbdkit("file", img)
         pf_uri, pf = nbdkit("python", os.path.join(plug, "read_file.py"),
                             f"file={img}")
-        mf, mfq = bench.proxy(img)
+        mf = bench.proxy(img)
         cases = [
             Case("nbd", "direct (qemu-nbd)", q_uri, source=q),
             Case("nbd", "C hop (nbdkit nbd plugin)", c_uri, c, q),
             Case("nbd", "Python hop (forward_nbd.py)", p_uri, p, q),
             Case("nbd", "Python hop, pread_initialize off", pn_uri, pn, q),
-            Case("nbd", "nbdmirror proxy", m.uri, m, q),
+            Case("nbd", "nbdmirror proxy", m.uri, m.proc, q),
             Case("file", "direct (nbdkit file)", f_uri, f),
             Case("file", "Python hop (read_file.py)", pf_uri, pf),
-            Case("file", "nbdmirror proxy", mf.uri, mf),
+            Case("file", "nbdmirror proxy", mf.uri, mf.proc),
         ]
         load0 = os.getloadavg()[0]
         for _ in range(args.runs):
             for case in cases:
                 case.measure(bench, size)
         load1 = os.getloadavg()[0]
-        for qc in (mq, mfq):
-            qc.close()
     except BenchError as e:
         print(f"profile: {e}", file=sys.stderr)
         return 1

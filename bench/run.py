@@ -35,13 +35,10 @@ or not; with --strict, 1 when an aim is missed), 1 when one failed.
 """
 
 import argparse
-import asyncio
 import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,16 @@ from dataclasses import dataclass, field
 
 MiB, GiB = 1 << 20, 1 << 30
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from helpers import (EventLog, HarnessError, Processes,  # noqa: E402
+                     make_image, nbdkit_server, nbdmirror_env, qemu_nbd,
+                     qmp_connect, qmp_execute, run_tool, start_proxy)
+
+# The helpers' failures (a server that does not start, a QMP timeout) are
+# the bench's too: a row that hits one shows it as its error.
+BenchError = HarnessError
+WAIT = 30                   # seconds a server may take to start
 
 
 @dataclass
@@ -63,87 +70,19 @@ FULL = Sizes(data=1 * GiB, sparse=64 * GiB, sparse_data=256 * MiB, timeout=300)
 QUICK = Sizes(data=64 * MiB, sparse=4 * GiB, sparse_data=16 * MiB, timeout=60)
 
 
-class BenchError(Exception):
-    pass
-
-
 class Interrupted(BaseException):
     pass
 
 
-# -- processes and servers ---------------------------------------------------
-
-class Processes:
-    """Long-running children; each in its own session, logged, and stopped
-    by pid (SIGTERM, then SIGKILL) by stop() or stop_all()."""
-
-    def __init__(self, logdir):
-        self.logdir = logdir
-        self.procs = []
-        self.started = 0
-
-    def start(self, args, name):
-        self.started += 1
-        log = os.path.join(self.logdir, f"{name}-{self.started}.log")
-        # This checkout's package, unless PYTHONPATH names another one.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (os.environ.get("PYTHONPATH"), REPO) if p))
-        with open(log, "wb") as f:
-            proc = subprocess.Popen([os.fspath(a) for a in args], stdout=f,
-                                    stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env,
-                                    cwd=self.logdir, start_new_session=True)
-        proc.name, proc.log = name, log
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc):
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self):
-        for proc in reversed(list(self.procs)):
-            self.stop(proc)
-
-    @staticmethod
-    def log_tail(proc, limit=2000):
-        try:
-            with open(proc.log, "rb") as f:
-                return f.read()[-limit:].decode(errors="replace")
-        except OSError:
-            return ""
-
-
-def uri(sock):
-    return f"nbd+unix:///?socket={sock}"
-
-
-def wait_socket(path, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(f"{proc.name} exited {proc.returncode}:\n"
-                             f"{Processes.log_tail(proc)}")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{path}: not accepting after {timeout} s")
-            time.sleep(0.01)
-        finally:
-            s.close()
-
+# -- servers -----------------------------------------------------------------
 
 class Bench:
+    """The temp dir and every process and QMP client started in it.
+
+    Processes are tests/helpers.py's registry: each child in its own
+    session, logged here, stopped by pid by close() (SIGTERM, then SIGKILL).
+    """
+
     def __init__(self, sizes, runs):
         self.sizes, self.runs = sizes, runs
         self.dir = tempfile.mkdtemp(prefix="nbdm-bench-", dir="/tmp")
@@ -158,47 +97,43 @@ class Bench:
         self._n += 1
         return self.path(f"{name}{self._n}.sock")
 
+    def stop(self, proc):
+        """Stop one process now; close() will not look at its pid again."""
+        self.procs.stop(proc, forget=True)
+
     def close(self):
-        for client in self.clients:
-            client.close()
-        self.procs.stop_all()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            for client in self.clients:
+                close_quietly(client)
+            self.procs.stop_all()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # servers: each returns (uri, proc)
     def qemu_nbd(self, image):
-        sock = self.sock("qnbd")
-        p = self.procs.start(["qemu-nbd", "-k", sock, "-e", "0", "-t",
-                              "-f", "raw", image], "qemu-nbd")
-        wait_socket(sock, p)
-        return uri(sock), p
+        uri = qemu_nbd(self.procs, image, self.sock("qnbd"), timeout=WAIT)
+        return uri, self.procs.procs[-1]
 
     def nbdkit(self, *args):
-        sock = self.sock("nbdkit")
-        p = self.procs.start(["nbdkit", "-f", "--exit-with-parent", "-U",
-                              sock, *args], "nbdkit")
-        wait_socket(sock, p)
-        return uri(sock), p
+        uri = nbdkit_server(self.procs, self.sock("nbdkit"), *args,
+                            timeout=WAIT)
+        return uri, self.procs.procs[-1]
 
     def proxy(self, source):
-        """`nbdmirror serve --foreground` without a target; (proxy, qmp)."""
-        g, c = self.sock("guest"), self.sock("qmp")
-        p = self.procs.start([sys.executable, "-m", "nbdmirror", "serve",
-                              "--foreground", "--source", source,
-                              "--socket", g, "--control", c], "nbdmirror")
-        wait_socket(g, p)
-        wait_socket(c, p)
-        p.uri = uri(g)
-        qmp = QMP(c)
-        qmp.proc = p
-        self.clients.append(qmp)
-        return p, qmp
+        """`nbdmirror serve --foreground` without a target: a helpers.Proxy
+        (.proc, .uri) with a connected QMP client in .qmp.  It runs this
+        checkout's package, unless PYTHONPATH names another one."""
+        proxy = start_proxy(self.procs, source, self.sock("guest"),
+                            self.sock("qmp"), timeout=WAIT, cwd=self.dir,
+                            env=nbdmirror_env(repo_first=False))
+        proxy.qmp = qmp_connect(proxy.control, timeout=30)
+        self.clients.append(proxy.qmp)
+        return proxy
 
     def tool(self, args, timeout=None):
         """Run a tool to the end; return its wall time in seconds."""
         t0 = time.monotonic()
-        r = subprocess.run(args, capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL,
-                           timeout=timeout or self.sizes.timeout)
+        r = run_tool(args, timeout or self.sizes.timeout)
         t = time.monotonic() - t0
         if r.returncode != 0:
             raise BenchError(f"{' '.join(args)} exited {r.returncode}: "
@@ -206,45 +141,19 @@ class Bench:
         return t
 
 
-class QMP:
-    def __init__(self, path):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        self.c = QEMUMonitorProtocol(path)
-        self.c.connect(negotiate=True)
-        self.c.settimeout(30)
-        self.seen = []
+def close_quietly(client):
+    try:
+        client.close()
+    except Exception:       # noqa: BLE001 - the server may be gone
+        pass
 
-    def cmd(self, name, **args):
-        r = self.c.cmd_obj({"execute": name, "arguments": args})
-        if "error" in r:
-            raise BenchError(f"{name}: {r['error'].get('desc')}")
-        return r["return"]
 
-    def wait_event(self, names, timeout):
-        """The next event named in `names`; the others pulled on the way
-        are kept in self.seen."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"no {names} within {timeout} s")
-            try:
-                ev = self.c.pull_event(wait=float(left))
-            except asyncio.TimeoutError:
-                continue
-            if ev and ev["event"] in names:
-                return ev
-            if ev:
-                self.seen.append(ev)
-
-    def close(self):
-        if self.c is None:
-            return
-        try:
-            self.c.close()
-        except Exception:       # noqa: BLE001 - the server may be gone
-            pass
-        self.c = None
+def command(client, name, **args):
+    """The `return` of QMP command `name`; BenchError on an error reply."""
+    reply = qmp_execute(client, name, **args)
+    if "error" in reply:
+        raise BenchError(f"{name}: {reply['error'].get('desc')}")
+    return reply["return"]
 
 
 # -- measurements ------------------------------------------------------------
@@ -282,36 +191,45 @@ class Row:
         return "ok" if (r <= v if op == "<=" else r >= v) else "MISS"
 
 
+ENDED = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+
+
 def stamp(ev):
     return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
 
 
-def mirror_to_ready(bench, row, qmp, target_uri):
+def mirror_to_ready(bench, row, proxy, target_uri):
     """drive-mirror on an idle proxy; seconds until BLOCK_JOB_READY.  The
     proxy's own view (event time stamps, from `created` to READY) goes to
     row.server.  The job is then soft-cancelled (target left consistent)
     and waited for."""
-    qmp.c.clear_events()
-    qmp.seen.clear()
+    qmp = proxy.qmp
+    qmp.clear_events()              # the previous job's last events
+    events = EventLog(qmp)
     t0 = time.monotonic()
-    qmp.cmd("drive-mirror", device="disk0", target=target_uri, sync="full")
-    ev = qmp.wait_event(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
-                         "BLOCK_JOB_CANCELLED"), bench.sizes.timeout)
+    command(qmp, "drive-mirror", device="disk0", target=target_uri,
+            sync="full")
+    try:
+        ready = events.wait("BLOCK_JOB_READY", timeout=bench.sizes.timeout)
+    except HarnessError as e:       # the job ended first, or a timeout
+        ended = [ev["data"] for ev in events.events if ev["event"] in ENDED]
+        why = f"job ended before ready: {ended[0]}" if ended else str(e)
+        tail = bench.procs.output(proxy.proc).strip().splitlines()[-3:]
+        raise BenchError(f"{why}; the proxy's log ends: "
+                         f"{' | '.join(tail)}") from None
     t = time.monotonic() - t0
-    if ev["event"] != "BLOCK_JOB_READY":
-        tail = Processes.log_tail(qmp.proc).strip().splitlines()[-3:]
-        raise BenchError(f"job ended before ready: {ev['data']}; the "
-                         f"proxy's log ends: {' | '.join(tail)}")
-    created = [e for e in qmp.seen if e["event"] == "JOB_STATUS_CHANGE"
-               and e["data"]["status"] == "created"]
+    created = [e for e in events.named("JOB_STATUS_CHANGE")
+               if e["data"]["status"] == "created"]
     if created:
-        row.server.append(stamp(ev) - stamp(created[0]))
-    qmp.cmd("block-job-cancel", device=ev["data"]["device"])   # the job id
-    ev = qmp.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), 60)
-    if ev["data"].get("error"):
-        raise BenchError(f"job failed after ready: {ev['data']['error']}")
+        row.server.append(stamp(ready) - stamp(created[0]))
+    command(qmp, "block-job-cancel", device=ready["data"]["device"])  # job id
+    events.wait_end(60)
+    errors = [e["data"]["error"] for e in events.events
+              if e["event"] in ENDED and e["data"].get("error")]
+    if errors:
+        raise BenchError(f"job failed after ready: {errors[0]}")
     deadline = time.monotonic() + 10
-    while qmp.cmd("query-block-jobs"):      # until the job is dismissed
+    while command(qmp, "query-block-jobs"):     # until the job is dismissed
         if time.monotonic() > deadline:
             raise BenchError("the job is still listed 10 s after it ended")
         time.sleep(0.01)
@@ -326,15 +244,15 @@ def interleaved(runs):
             yield i, side
 
 
-def measure_time_to_ready(bench, row, proxy_qmp, source_for_nbdcopy, size):
+def measure_time_to_ready(bench, row, proxy, source_for_nbdcopy, size):
     for _, side in interleaved(bench.runs):
         tgt, p = bench.nbdkit("memory", str(size))
         if side == "ours":
-            row.ours.append(mirror_to_ready(bench, row, proxy_qmp, tgt))
+            row.ours.append(mirror_to_ready(bench, row, proxy, tgt))
         else:
             row.base.append(bench.tool(["nbdcopy", "--flush",
                                         source_for_nbdcopy, tgt]))
-        bench.procs.stop(p)
+        bench.stop(p)
 
 
 def measure_read(bench, row, proxy_uri, direct_uri, size, request):
@@ -349,7 +267,7 @@ def allocated(path):
     return os.stat(path).st_blocks * 512
 
 
-def measure_sparse(bench, row_t, row_a, src_uri, src_path, proxy_qmp):
+def measure_sparse(bench, row_t, row_a, src_uri, src_path, proxy):
     """c1 (time) and c2 (nbdmirror's target allocation vs the source's)."""
     size = bench.sizes.sparse
     nbdcopy_alloc = []
@@ -359,10 +277,10 @@ def measure_sparse(bench, row_t, row_a, src_uri, src_path, proxy_qmp):
             f.truncate(size)
         tgt, p = bench.qemu_nbd(tpath)
         if side == "ours":
-            row_t.ours.append(mirror_to_ready(bench, row_t, proxy_qmp, tgt))
+            row_t.ours.append(mirror_to_ready(bench, row_t, proxy, tgt))
         else:
             row_t.base.append(bench.tool(["nbdcopy", "--flush", src_uri, tgt]))
-        bench.procs.stop(p)
+        bench.stop(p)
         alloc = allocated(tpath) / MiB
         if side == "ours":
             row_a.ours.append(alloc)
@@ -377,12 +295,8 @@ def measure_sparse(bench, row_t, row_a, src_uri, src_path, proxy_qmp):
 # -- images ------------------------------------------------------------------
 
 def make_random(path, size):
-    rng = random.Random(1)
-    with open(path, "wb") as f:
-        for off in range(0, size, 16 * MiB):
-            f.write(rng.randbytes(min(16 * MiB, size - off)))
-        f.flush()
-        os.fsync(f.fileno())     # no writeback during the measurements
+    # fsync: no writeback during the measurements
+    make_image(path, size, seed=1, fsync=True)
 
 
 def make_sparse(path, size, data):
@@ -410,8 +324,8 @@ def run_all(bench, rows):
     make_random(rnd, s.data)
     src_uri, _ = bench.qemu_nbd(rnd)
     direct_file_uri, _ = bench.nbdkit("file", rnd)
-    proxy_file, qmp_file = bench.proxy(rnd)
-    proxy_nbd, qmp_nbd = bench.proxy(src_uri)
+    proxy_file = bench.proxy(rnd)
+    proxy_nbd = bench.proxy(src_uri)
 
     def row(key, what, **kw):
         r = Row(key, what, **kw)
@@ -421,10 +335,10 @@ def run_all(bench, rows):
     steps = [       # (row, measure, its arguments after bench and row)
         (row("a1", f"time to ready, {size_text} random, file source",
              aim=("<=", 1.2)),
-         measure_time_to_ready, (qmp_file, rnd, s.data)),
+         measure_time_to_ready, (proxy_file, rnd, s.data)),
         (row("a2", f"time to ready, {size_text} random, qemu-nbd source",
              aim=("<=", 1.2)),
-         measure_time_to_ready, (qmp_nbd, src_uri, s.data)),
+         measure_time_to_ready, (proxy_nbd, src_uri, s.data)),
     ]
     # The aim is against the server a user would otherwise attach the
     # image with (qemu-nbd); nbdkit's C file plugin and the NBD-source
@@ -445,10 +359,9 @@ def run_all(bench, rows):
             measure(bench, r, *args)
         except BenchError as e:
             r.error = str(e)
-    for q in (qmp_file, qmp_nbd):
-        q.close()
-    for p in (proxy_file, proxy_nbd):
-        bench.procs.stop(p)
+    for proxy in (proxy_file, proxy_nbd):
+        close_quietly(proxy.qmp)
+        bench.stop(proxy.proc)
     os.unlink(rnd)
 
     virt = f"{s.sparse // GiB} GiB"
@@ -461,13 +374,13 @@ def run_all(bench, rows):
     sparse = bench.path("sparse.img")
     make_sparse(sparse, s.sparse, s.sparse_data)
     sparse_uri, _ = bench.qemu_nbd(sparse)
-    proxy_sparse, qmp_sparse = bench.proxy(sparse_uri)
+    proxy_sparse = bench.proxy(sparse_uri)
     log(f"{rt.key}/{ra.key}: {rt.what}")
     try:
-        measure_sparse(bench, rt, ra, sparse_uri, sparse, qmp_sparse)
+        measure_sparse(bench, rt, ra, sparse_uri, sparse, proxy_sparse)
     except BenchError as e:
         rt.error = ra.error = str(e)
-    qmp_sparse.close()
+    close_quietly(proxy_sparse.qmp)
 
 
 def fmt_value(v, unit):

@@ -92,12 +92,14 @@ class Processes:
     def __init__(self, logdir):
         self.logdir = os.fspath(logdir)
         self.procs = []
+        self.started = 0        # numbers the logs; procs shrinks on forget
 
     def start(self, args, name=None, **popen_kwargs):
         """Popen `args`; the returned object also has `.log` and `.name`."""
         args = [os.fspath(a) for a in args]
         name = name or os.path.basename(args[0])
-        log = os.path.join(self.logdir, f"{name}-{len(self.procs)}.log")
+        log = os.path.join(self.logdir, f"{name}-{self.started}.log")
+        self.started += 1
         with open(log, "wb") as f:
             popen_kwargs.setdefault("stdout", f)
             popen_kwargs.setdefault("stderr", subprocess.STDOUT)
@@ -117,11 +119,14 @@ class Processes:
         if proc.poll() is None:
             proc.send_signal(sig)
 
-    def stop(self, proc, grace=STOP_GRACE):
+    def stop(self, proc, grace=STOP_GRACE, forget=False):
         """SIGTERM `proc`, SIGKILL it after `grace` s; return its exit code.
 
         Then end whatever is left in its process group (children it did not
         reap); a warning names such leftovers, since they are a leak.
+        With `forget` the registry drops it once it is stopped: stop_all
+        will not look at its pid again, which another process may have by
+        then.
         """
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)     # by pid; no-op once reaped
@@ -137,6 +142,8 @@ class Processes:
             warnings.warn(f"{proc.name} (pid {proc.pid}) left processes "
                           f"{left} behind; killing them")
             self._end_group(proc.pid, grace)
+        if forget and proc in self.procs:
+            self.procs.remove(proc)
         return proc.returncode
 
     def _end_group(self, pgid, grace):
@@ -291,25 +298,33 @@ def serve_args(source, sock, control, target=None, **opts):
     return args
 
 
-def nbdmirror_env():
-    """The environment for `python -m nbdmirror`: this checkout first."""
+def nbdmirror_env(repo_first=True):
+    """The environment for `python -m nbdmirror`: this checkout first.
+
+    With repo_first=False it comes after the caller's PYTHONPATH, which can
+    then name another checkout (the benchmark allows that).
+    """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (REPO, env.get("PYTHONPATH")) if p)
+    paths = [REPO, env.get("PYTHONPATH")]
+    if not repo_first:
+        paths.reverse()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
 
 
 def start_proxy(procs, source, sock, control, target=None, timeout=20,
-                **opts):
+                env=None, cwd=REPO, **opts):
     """Start the proxy in the foreground; return a Proxy once it serves.
 
     Waits until both the guest socket and the control socket accept.
+    `env` (default nbdmirror_env()) and `cwd` are the process's.
     """
     sock = os.path.abspath(os.fspath(sock))
     control = os.path.abspath(os.fspath(control))
     args = [sys.executable, "-m", "nbdmirror",
             *serve_args(source, sock, control, target, **opts)]
-    proc = procs.start(args, name="nbdmirror", env=nbdmirror_env(), cwd=REPO)
+    proc = procs.start(args, name="nbdmirror", env=env or nbdmirror_env(),
+                       cwd=cwd)
     wait_for_socket(sock, timeout, proc, nbd=True)
     wait_for_socket(control, timeout, proc)
     return Proxy(proc, sock, control)
@@ -448,11 +463,12 @@ def random_bytes(seed, size):
     return random.Random(seed).randbytes(size)
 
 
-def make_image(path, size, seed=None, block=1 << 20):
+def make_image(path, size, seed=None, block=1 << 20, fsync=False):
     """Create a raw image of `size` bytes; return its path.
 
     With `seed` None it is sparse (all holes).  Otherwise it holds
     deterministic random data: the same seed and size give the same bytes.
+    `fsync` flushes it to disk before returning.
     """
     path = os.fspath(path)
     with open(path, "wb") as f:
@@ -462,6 +478,9 @@ def make_image(path, size, seed=None, block=1 << 20):
             rng = random.Random(seed)
             for off in range(0, size, block):
                 f.write(rng.randbytes(min(block, size - off)))
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     return path
 
 
