@@ -13,9 +13,9 @@ Invariants (see also bitmap.py and extents.py):
   * Dirty bits of an op are cleared *before* its extents are looked up and
     its data is read.  A guest write that lands meanwhile sets them again
     after its source write completed, so the chunk is copied again.
-  * An op's chunks stay in `_inflight` until all its pieces completed; no new
-    op takes an in-flight chunk, so two requests for overlapping target
-    ranges are never in flight together.
+  * An op holds its chunks in `locks` (chunklocks.py) until all its pieces
+    completed; no other op, and no write-through guest write, writes them on
+    the target meanwhile.
   * If any piece of an op fails, the whole op's chunks are marked dirty
     again when the op ends.  Progress (`done_bytes`) grows only when an op
     ends without error: it counts work done, not work issued.
@@ -36,6 +36,7 @@ from bitarray import bitarray
 
 from . import endpoints
 from .endpoints import ALLOCATION_DEPTH, BASE_ALLOCATION, nbd_block_status
+from .chunklocks import ChunkLocks
 from .extents import ExtentCache
 from .ratelimit import RateLimit
 
@@ -170,7 +171,7 @@ class Copier:
     """
 
     def __init__(self, bitmap, reader, writer, *, sync="full", buf_size=16 << 20,
-                 speed=0, target_is_zero=False, on_error=None):
+                 speed=0, target_is_zero=False, on_error=None, locks=None):
         self.bitmap = bitmap
         self.reader, self.writer = reader, writer
         self.sync = sync
@@ -188,8 +189,7 @@ class Copier:
         self._free = [bytearray(self._max_piece) for _ in range(nbuf)]
         self._zeroes = bytes(REQUEST_SIZE)
         self._zero_view = memoryview(self._zeroes)
-        self._inflight = bitarray(bitmap.chunks)   # chunks of live ops
-        self._inflight.setall(0)
+        self.locks = locks or ChunkLocks(bitmap.chunks)
         self._target_zero = bitarray(bitmap.chunks)  # target reads 0 there
         self._target_zero.setall(bool(target_is_zero))
         self._queue = collections.deque()          # pieces not yet issued
@@ -250,16 +250,22 @@ class Copier:
             self._wake_r = self._wake_w = None
 
     # -- the initial scan ------------------------------------------------
+    def learn_target(self):
+        """Note where the target reads as zero (full sync only).  Must run
+        before anything but this copier writes the target (write-blocking
+        guest writes): a write-through landing after the target's block
+        status was read would otherwise be taken for zeroes."""
+        if self.sync == "full" and self.size and not self.target_is_zero \
+                and self.writer.has_extents:
+            self._scan_extents(self.writer.extents, self._learn_target_zero,
+                               lambda: False)
+
     def scan(self, should_stop=lambda: False):
         """Mark what this sync mode must copy.  Dirty tracking is already on,
         so a guest write during the scan is marked by the guest path; the scan
         only ever sets bits, never clears them."""
         if self.sync == "none" or not self.size:
             return
-        if self.sync == "full" and not self.target_is_zero \
-                and self.writer.has_extents:
-            self._scan_extents(self.writer.extents, self._learn_target_zero,
-                               should_stop)
         self._scan_extents(self.reader.extents, self._mark_from_source,
                            should_stop)
 
@@ -362,7 +368,9 @@ class Copier:
             if time.monotonic() < self.retry_at:
                 return
             if not self._queue:
-                if not self._new_op():
+                # Under a speed limit, wait before taking an op, not while
+                # holding its chunks (write-throughs may wait for them).
+                if self.ratelimit.delay() > 0 or not self._new_op():
                     return
                 continue         # the op may have needed no request at all
             piece = self._queue[0]
@@ -400,6 +408,12 @@ class Copier:
             self._start(piece, self.writer.write,
                         self._zero_view[:piece.length], piece.offset)
 
+    def forget_target_zero(self, c0, c1):
+        """Chunks [c0, c1) may not read as zero on the target any more.
+        Called by the holder of those chunks (a write-through guest write):
+        no op of ours touches them meanwhile."""
+        self._target_zero[c0:c1] = 0
+
     def _clear_target_zero(self, offset, length):
         c0, c1 = self.bitmap.chunk_range(offset, length)
         self._target_zero[c0:c1] = 0
@@ -409,11 +423,11 @@ class Copier:
         return self._target_zero.count(0, c0, c1) == 0
 
     def _find_work(self):
-        """First dirty chunk not in flight, from the cursor, wrapping once."""
+        """First dirty chunk nobody holds, from the cursor, wrapping once."""
         for start in (self._cursor, 0):
             c = self.bitmap.next_dirty(start)
-            while c >= 0 and self._inflight[c]:
-                free = self._inflight.find(0, c)
+            while c >= 0 and self.locks.is_held(c):
+                free = self.locks.next_free(c)
                 c = -1 if free < 0 else self.bitmap.next_dirty(free)
             if c >= 0:
                 return c
@@ -437,15 +451,13 @@ class Copier:
             stop = bm.chunks if first.end >= self.size else first.end >> self.shift
             stop = min(max(stop, c0 + 1), c0 + max(1, ZERO_REQUEST >> self.shift))
         else:
-            stop = c0 + max(1, REQUEST_SIZE >> self.shift)
-        c1 = bm.dirty_run_end(c0, stop)
-        busy = self._inflight.find(1, c0, c1)
-        if busy > 0:
-            c1 = busy
+            stop = c0 + max(1, self._piece_size >> self.shift)
+        c1 = self.locks.try_take(c0, bm.dirty_run_end(c0, stop))
+        if c1 == c0:
+            return False         # a guest write took it meanwhile
         self._cursor = c1
         # Clear, then look: see the module docstring.
         bm.clear_chunks(c0, c1)
-        self._inflight[c0:c1] = 1
         end = min(c1 << self.shift, self.size)
         op = Op(c0, c1, start, end)
         self._ops += 1
@@ -555,13 +567,13 @@ class Copier:
         self.on_error(e)
 
     def _end_op(self, op):
-        self._inflight[op.c0:op.c1] = 0
         self._ops -= 1
         self._op_bytes -= op.end - op.start
         if op.error is not None:
             self.bitmap.mark_chunks(op.c0, op.c1)
         else:
             self.done_bytes += op.end - op.start
+        self.locks.release(op.c0, op.c1)
 
     # -- ending ----------------------------------------------------------
     def drain(self, deadline):

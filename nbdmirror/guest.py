@@ -2,35 +2,40 @@
 source (or, after a pivot, to the target), with dirty tracking on writes.
 
 Invariants (the copier and the job rely on them):
-  * Every data-changing request (pwrite, trim, zero) calls the tracker *after*
-    the backend request returns, and also when it failed: the bytes may have
-    changed either way.  The tracker marks the range dirty, so the copier,
-    which clears bits before it reads, sees every write that could race it.
-  * Every request runs inside the gate.  `hold()` closes the gate to new
-    requests and waits for the ones inside to leave; while held, no guest
-    request touches any backend, so the job can copy the last dirty bytes and
-    switch `backend` atomically with respect to the guest.
-  * `backend` and `tracker` change only while the gate is held (pivot,
-    end of tracking) or before the first request that could see them
-    (set_tracker is called before the copier's initial scan; a write in
-    flight at that moment completes and then reads `tracker`, so it is
-    tracked either by its bit or by the scan).
+  * While a job mirrors the disk (`mirror` is set), every data-changing
+    request (pwrite, trim, zero) either
+      - runs on the source, then calls mirror.guest_wrote() *after* the
+        source request returned, also when it failed (the bytes may have
+        changed either way): the range becomes dirty, and the copier, which
+        clears bits before it reads, sees every write that could race it; or
+      - in write-blocking mode, goes through mirror.write_through(), which
+        writes the source and then the target before the guest is answered
+        (job.Job.write_through says how it stays out of the copier's way).
+  * Every request runs inside the gate.  close() stops new requests from
+    entering; `active` counts those still inside.  Once it is 0, no guest
+    request touches any backend, so the job can copy the last dirty bytes
+    and switch `backend` atomically with respect to the guest.
+  * `backend` and `mirror` change only while the gate is closed and empty
+    (pivot, end of a soft cancel) or in a way no request can miss: the job
+    sets `mirror` before its initial scan (a write in flight at that moment
+    is then tracked by its dirty bit or seen by the scan), and clears it
+    when it ends, after which its bitmap no longer matters.
 """
 
 import threading
 
 
 class Gate:
-    """Counts guest requests in flight; `hold()` drains and blocks them."""
+    """Counts guest requests in flight; close() keeps new ones out."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._active = 0
-        self._held = False
+        self._closed = False
 
     def __enter__(self):
         with self._cond:
-            while self._held:
+            while self._closed:
                 self._cond.wait()
             self._active += 1
 
@@ -40,30 +45,30 @@ class Gate:
             if not self._active:
                 self._cond.notify_all()
 
-    def hold(self, should_stop=lambda: False):
-        """Block new requests and wait for in-flight ones to finish.
-
-        Returns False (gate released again) if should_stop() became true
-        first, so a force cancel is never stuck behind a hung guest request.
-        """
+    def close(self):
+        """New requests wait at the gate from now on."""
         with self._cond:
-            self._held = True
-            while self._active:
-                if should_stop():
-                    self._held = False
-                    self._cond.notify_all()
-                    return False
-                self._cond.wait(0.05)
-            return True
+            self._closed = True
 
-    def release(self):
+    def wait_empty(self, timeout):
+        """Wait up to `timeout` s for the requests inside; True if none is."""
         with self._cond:
-            self._held = False
+            if self._active:
+                self._cond.wait(timeout)
+            return not self._active
+
+    def open(self):
+        with self._cond:
+            self._closed = False
             self._cond.notify_all()
 
     @property
-    def held(self):
-        return self._held
+    def closed(self):
+        return self._closed
+
+    @property
+    def active(self):
+        return self._active
 
 
 class GuestIO:
@@ -72,48 +77,55 @@ class GuestIO:
     def __init__(self, backend):
         self.backend = backend
         self.gate = Gate()
-        self.tracker = None     # callable(offset, length) or None
+        self.mirror = None      # the job tracking guest writes, or None
 
     # -- configuration, by the job ----------------------------------------
-    def set_tracker(self, tracker):
-        self.tracker = tracker
+    def set_mirror(self, mirror):
+        self.mirror = mirror
 
     def switch_backend(self, backend):
-        """Pivot: only with the gate held."""
-        assert self.gate.held, "switch_backend needs the gate held"
+        """Pivot: only with the gate closed and empty."""
+        assert self.gate.closed and not self.gate.active, \
+            "switch_backend needs the gate closed and empty"
         self.backend = backend
-        self.tracker = None
+        self.mirror = None
 
     # -- requests -----------------------------------------------------------
-    def _changed(self, offset, length):
-        tracker = self.tracker
-        if tracker is not None:
-            tracker(offset, length)
+    def _change(self, offset, length, on_source, on_target):
+        """A data-changing request: on_source() does it on the backend,
+        on_target(endpoint) on the mirror target (None: it cannot be
+        written through, e.g. trim, whose result is not defined)."""
+        with self.gate:
+            mirror = self.mirror
+            if mirror is None:
+                return on_source()
+            if on_target is not None and mirror.write_blocking:
+                return mirror.write_through(offset, length, on_source,
+                                            on_target)
+            try:
+                return on_source()
+            finally:
+                mirror.guest_wrote(offset, length)
 
     def pread(self, buf, offset):
         with self.gate:
             self.backend.pread(buf, offset)
 
     def pwrite(self, buf, offset, fua=False):
-        with self.gate:
-            try:
-                self.backend.pwrite(buf, offset, fua)
-            finally:
-                self._changed(offset, len(buf))
+        self._change(offset, len(buf),
+                     lambda: self.backend.pwrite(buf, offset, fua),
+                     # a private copy: nbdkit's buffer is only ours for now
+                     lambda t: t.pwrite(bytes(buf), offset, fua))
 
     def trim(self, count, offset, fua=False):
-        with self.gate:
-            try:
-                self.backend.trim(count, offset, fua)
-            finally:
-                self._changed(offset, count)
+        self._change(offset, count,
+                     lambda: self.backend.trim(count, offset, fua), None)
 
     def zero(self, count, offset, may_trim=False, fua=False, fast=False):
-        with self.gate:
-            try:
-                self.backend.zero(count, offset, may_trim, fua, fast)
-            finally:
-                self._changed(offset, count)
+        self._change(offset, count,
+                     lambda: self.backend.zero(count, offset, may_trim, fua,
+                                               fast),
+                     lambda t: t.zero(count, offset, may_trim, fua))
 
     def flush(self):
         with self.gate:

@@ -8,8 +8,11 @@ Threads and locks:
     request, and wake the job thread.  They never touch the copier.
   * Guest threads call guest_wrote() after each write: it invalidates the
     extent cache and marks the bitmap, in that order (extents.py says why).
-`_lock` guards `state`, `_speed` and `error`.  Events are emitted with it
-held, so their order is the order of the transitions.
+    In write-blocking mode they call write_through() instead, which holds
+    the write's chunks in `locks` (chunklocks.py) while it writes the source
+    and then the target.
+`_lock` guards `state`, `_speed`, `error` and `copy_mode`.  Events are
+emitted with it held, so their order is the order of the transitions.
 """
 
 import errno
@@ -19,6 +22,7 @@ import traceback
 
 from . import endpoints
 from .bitmap import DirtyBitmap
+from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier, NbdWriter, open_reader
 from .jobstate import Action, JobState, Status
 
@@ -71,7 +75,11 @@ class Job:
         self.on_end = on_end or (lambda job: None)
         self.state = JobState(self.id)
         self.bitmap = DirtyBitmap(source.size, opts.granularity)
+        self.locks = ChunkLocks(self.bitmap.chunks)
         self.copier = None
+        self.copy_mode = opts.copy_mode
+        self._active_target = None       # write-through endpoint
+        self._active_bytes = 0           # written through to the target
         self.error = None                # why the job failed, if it did
         self.io_status = "ok"
         self.pivoted = False
@@ -115,13 +123,27 @@ class Job:
         self._verb(set_speed)
 
     def change(self, copy_mode):
+        """block-job-change: background -> write-blocking (as QEMU, the only
+        switch there is)."""
+        if copy_mode not in ("background", "write-blocking"):
+            raise JobError(f"copy-mode {copy_mode!r} is not one of "
+                           "background, write-blocking")
         with self._lock:
             self.state.check("change")
-            if copy_mode == "write-blocking":
-                raise JobError("copy-mode 'write-blocking' is not supported yet")
-            if copy_mode != "background":
-                raise JobError(f"copy-mode {copy_mode!r} is not one of "
-                               "background, write-blocking")
+            if copy_mode == self.copy_mode:
+                return
+            if copy_mode == "background":
+                raise JobError(f"Job '{self.id}': cannot change copy-mode "
+                               "from 'write-blocking' to 'background'")
+            self.copy_mode = copy_mode
+        self._wake()
+
+    @property
+    def write_blocking(self):
+        """Guest writes go through write_through() (once the job thread has
+        the target endpoint for them)."""
+        return self.copy_mode == "write-blocking" and \
+            self._active_target is not None
 
     def _wake(self):
         copier = self.copier
@@ -138,7 +160,7 @@ class Job:
         c = self.copier
         if c is None:
             return 0, self.bitmap.dirty_bytes()
-        offset = c.done_bytes
+        offset = c.done_bytes + self._active_bytes
         return offset, offset + self.bitmap.dirty_bytes() + c.in_flight_bytes
 
     def block_job_info(self):
@@ -186,6 +208,39 @@ class Job:
             copier.cache.invalidate(offset, length)
         self.bitmap.mark(offset, length)
 
+    def write_through(self, offset, length, on_source, on_target):
+        """A write-blocking guest write: source, then target, then answer.
+
+        It holds its chunks, so no copy of them is in flight meanwhile (it
+        waits for those to end) and none starts: a copy cannot read the
+        source before this write and land on the target after it.  The
+        chunks' dirty bits are left as they are: this write changes source
+        and target alike.  If the target write fails, the range becomes
+        dirty and the copier copies it (and applies the error policy)."""
+        c0, c1 = self.bitmap.chunk_range(offset, length)
+        if not self.locks.take(c0, c1):
+            return on_source()       # the job ended while this write waited
+        try:
+            try:
+                result = on_source()
+            except BaseException:
+                self.guest_wrote(offset, length)
+                raise
+            copier = self.copier
+            copier.cache.invalidate(offset, length)
+            copier.forget_target_zero(c0, c1)
+            try:
+                on_target(self._active_target)
+            except Exception:       # noqa: BLE001 - the guest's write is done
+                self.bitmap.mark(offset, length)
+            else:
+                with self._lock:
+                    self._active_bytes += length
+            return result
+        finally:
+            self.locks.release(c0, c1)
+            self._wake()
+
     def _to(self, status):
         with self._lock:
             self.state.to(status)
@@ -201,8 +256,8 @@ class Job:
 
     def run(self):
         try:
+            self._open()                 # `running`: handles open, tracking on
             self._to(Status.RUNNING)
-            self._open()
             self.copier.scan(should_stop=lambda: self._action() is Action.ABORT)
             self._loop()
         except Exception as e:          # noqa: BLE001 - the job must end
@@ -214,8 +269,11 @@ class Job:
             self._abort()
         finally:
             if not self.pivoted:
-                self.guest.set_tracker(None)
+                self.guest.set_mirror(None)
             self.bitmap.on_dirty = None
+            self.locks.abandon()
+            if self._active_target is not None and not self.pivoted:
+                self._active_target.close()
             if self.copier is not None:
                 self.copier.close()
             self._done.set()
@@ -231,10 +289,14 @@ class Job:
         self.copier = Copier(
             self.bitmap, reader, writer, sync=self.opts.sync,
             buf_size=self.opts.buf_size, speed=self._speed,
-            target_is_zero=self.opts.target_is_zero, on_error=self._on_error)
+            target_is_zero=self.opts.target_is_zero, on_error=self._on_error,
+            locks=self.locks)
         self.bitmap.on_dirty = self.copier.wake
+        self.copier.learn_target()       # before any write-through
+        # The endpoint write-blocking mode writes through, ready for a switch.
+        self._active_target = endpoints.NbdEndpoint(self.opts.target)
         # Tracking starts before the scan (QEMU issue 3273).
-        self.guest.set_tracker(self.guest_wrote)
+        self.guest.set_mirror(self)
 
     def _loop(self):
         c = self.copier
@@ -298,13 +360,15 @@ class Job:
         True when the job ended, False to go on looping (e.g. an ignored
         error, or a cancel arrived)."""
         c = self.copier
-        target = None
-        if action is Action.COMPLETE:
-            target = endpoints.NbdEndpoint(self.opts.target)
         gate = self.guest.gate
-        if not gate.hold(lambda: self._action() is Action.ABORT):
-            return False
+        gate.close()
         try:
+            # Guest requests inside may be write-throughs waiting for ops of
+            # ours to end: keep pumping while they drain.
+            while not gate.wait_empty(0.01):
+                if self._action() is Action.ABORT:
+                    return False
+                c.pump(0)
             while not c.converged():
                 if self._action() is Action.ABORT:
                     return False
@@ -313,16 +377,13 @@ class Job:
                     return False
             if not self._flush_then(lambda: None):
                 return False
-            if target is not None:
-                self.guest.switch_backend(target)
+            if action is Action.COMPLETE:
+                self.guest.switch_backend(self._active_target)
                 self.pivoted = True
-                target = None
             else:
-                self.guest.set_tracker(None)
+                self.guest.set_mirror(None)
         finally:
-            gate.release()
-            if target is not None:
-                target.close()
+            gate.open()
         with self._lock:
             self.state.to(Status.PENDING)
             self._emit_status()

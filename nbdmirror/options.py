@@ -194,8 +194,4 @@ def make_job_options(args):
         kwargs[field] = parse(value)
     if "target" not in kwargs:
         raise OptionError("target: required")
-    opts = JobOptions(**kwargs)
-    if opts.copy_mode == "write-blocking":
-        raise OptionError(
-            "copy-mode: 'write-blocking' is not supported yet; use 'background'")
-    return opts
+    return JobOptions(**kwargs)

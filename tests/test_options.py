@@ -141,9 +141,11 @@ def test_target_is_required():
         make_job_options({"sync": "full"})
 
 
-def test_write_blocking_is_refused_for_now_naming_copy_mode():
+def test_copy_mode_takes_write_blocking_and_names_a_bad_one():
+    opts = make_job_options({"target": TGT, "copy-mode": "write-blocking"})
+    assert opts.copy_mode == "write-blocking"
     with pytest.raises(OptionError, match="^copy-mode: "):
-        make_job_options({"target": TGT, "copy-mode": "write-blocking"})
+        make_job_options({"target": TGT, "copy-mode": "sideways"})
 
 
 @pytest.mark.parametrize("uri", [

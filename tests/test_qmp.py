@@ -419,14 +419,20 @@ def test_set_speed_refuses_a_negative_rate_and_reports_a_new_one(rig):
 
 # -- block-job-change ------------------------------------------------------------
 
-def test_block_job_change_to_write_blocking_is_refused_clearly(rig):
+def test_block_job_change_to_write_blocking_and_not_back(rig):
     r = rig()
     r.start(speed=1 * M)
     r.wait_status("running")
+    assert r.ok("block-job-change", id=JOB, type="mirror",
+                **{"copy-mode": "write-blocking"}) == {}
     desc = assert_error(r.execute("block-job-change", id=JOB, type="mirror",
-                                  **{"copy-mode": "write-blocking"}),
+                                  **{"copy-mode": "background"}),
                         "GenericError")
-    assert "write-blocking" in desc and "not supported" in desc
+    assert "write-blocking" in desc and "background" in desc
+    desc = assert_error(r.execute("block-job-change", id=JOB, type="mirror",
+                                  **{"copy-mode": "sideways"}),
+                        "GenericError")
+    assert "sideways" in desc
     # The job goes on unharmed.
     r.ok("block-job-set-speed", device=JOB, speed=0)
     r.wait_status("ready")
@@ -584,7 +590,7 @@ def test_drive_mirror_speed_and_job_id_default(rig):
     ({"buf-size": 100}, "GenericError", "buf-size"),
     ({"speed": -1}, "GenericError", "speed"),
     ({"sync": "most"}, "GenericError", "sync"),
-    ({"copy-mode": "write-blocking"}, "GenericError", "write-blocking"),
+    ({"copy-mode": "sideways"}, "GenericError", "copy-mode"),
     ({"on-target-error": "explode"}, "GenericError", "on-target-error"),
     ({"target": "/tmp/not-a-uri"}, "GenericError", "target"),
     ({"target": "nbd+unix:///?socket=/nonexistent/x.sock"}, "GenericError",
