@@ -114,7 +114,7 @@ class GuestIO:
     def pwrite(self, buf, offset, fua=False):
         self._change(offset, len(buf),
                      lambda: self.backend.pwrite(buf, offset, fua),
-                     # a private copy: nbdkit's buffer is only ours for now
+                     # from a private copy, as QEMU's active mirror does
                      lambda t: t.pwrite(bytes(buf), offset, fua))
 
     def trim(self, count, offset, fua=False):
