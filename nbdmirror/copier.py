@@ -98,7 +98,7 @@ class FileReader:
         try:
             self.file.pread(view, offset)
         except OSError as e:
-            done(e.errno or errno.EIO)
+            done(endpoints.errno_of(e))
         else:
             done(0)
 
@@ -112,7 +112,6 @@ class NbdWriter:
     def __init__(self, uri):
         self.h = endpoints.connect(uri, (BASE_ALLOCATION,), "nbdmirror-copy-dst")
         self.handles = [self.h]
-        self.size = self.h.get_size()
         self.can_zero = self.h.can_zero()
         self.fast_zero = self.h.can_fast_zero()
         self.has_extents = self.h.can_meta_context(BASE_ALLOCATION)
@@ -154,7 +153,8 @@ class Op:
 
 
 class Piece:
-    """One request.  kind: 'read' (then 'write' or 'zero'), or 'zero'."""
+    """One request.  kind: 'read' (then 'write', or 'zero' for all-zero
+    data, or nothing when the target already reads zero), or 'zero'."""
     __slots__ = ("kind", "offset", "length", "op", "buf", "fast")
 
     def __init__(self, kind, offset, length, op):
@@ -392,7 +392,7 @@ class Copier:
         try:
             fn(*args, done)
         except nbd.Error as e:      # refused before sending (handle dead)
-            done(endpoints.nbd_errno(e))
+            done(endpoints.errno_of(e))
 
     def _zero(self, piece):
         """Make [offset, offset+length) read as zeroes on the target."""
@@ -465,7 +465,7 @@ class Copier:
         try:
             extents = self.cache.get(start, end)
         except (nbd.Error, OSError) as e:
-            op.error = CopyError("read", endpoints.nbd_errno(e), start)
+            op.error = CopyError("read", endpoints.errno_of(e), start)
             self._end_op(op)
             self.on_error(op.error)
             return False         # let the job apply the policy first
@@ -532,10 +532,14 @@ class Copier:
                 self.zeroed_bytes += piece.length
             elif piece.kind == "write":
                 self.copied_bytes += piece.length
-            op = piece.op
-            op.pending -= 1
-            if not op.pending:
-                self._end_op(op)
+            self._piece_finished(piece)
+
+    def _piece_finished(self, piece):
+        """One piece less for its op; the op ends with its last piece."""
+        op = piece.op
+        op.pending -= 1
+        if not op.pending:
+            self._end_op(op)
 
     def _read_done(self, piece):
         """Data arrived: write it, or a zero request if it is all zeroes."""
@@ -544,9 +548,7 @@ class Copier:
             self._free.append(piece.buf)
             piece.buf = None
             if self._target_reads_zero(piece.offset, n):
-                piece.kind = "skip"
-                self._requests += 1
-                self._done.append((piece, 0))
+                self._piece_finished(piece)      # nothing to write
                 return
             self._zero(piece)
             return
@@ -591,13 +593,11 @@ class Copier:
             piece = self._queue.popleft()
             if piece.op.error is None:
                 piece.op.error = CopyError("read", errno.ECANCELED, piece.offset)
-            piece.op.pending -= 1
-            if not piece.op.pending:
-                self._end_op(piece.op)
+            self._piece_finished(piece)
 
     def flush(self):
         """Flush the target.  Raises CopyError on failure."""
         try:
             self.writer.flush()
         except nbd.Error as e:
-            raise CopyError("write", endpoints.nbd_errno(e), 0) from None
+            raise CopyError("write", endpoints.errno_of(e), 0) from None

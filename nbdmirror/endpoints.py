@@ -48,7 +48,7 @@ class Extent:
         return bool(self.flags & ZERO)
 
 
-def nbd_errno(exc):
+def errno_of(exc):
     """The errno number of an nbd.Error or OSError (EIO if none).  (An
     nbd.Error's `errno` is a name such as 'EINVAL'; `errnum` the number.)"""
     if isinstance(exc, nbd.Error):

@@ -83,7 +83,6 @@ class Job:
         self.error = None                # why the job failed, if it did
         self.io_status = "ok"
         self.pivoted = False
-        self.started = time.monotonic()
         self._speed = opts.speed
         self._applied_speed = opts.speed
         self._lock = threading.Lock()
