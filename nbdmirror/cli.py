@@ -144,7 +144,7 @@ def serve(args):
     from .proxy import Proxy
     proxy = Proxy(opts)
     proxy.preflight()           # same checks the plugin makes, with clean errors
-    proxy.source.close()
+    proxy.close()
 
     cmd = ["nbdkit", "-t", str(args.threads)]
     if args.socket:

@@ -59,21 +59,57 @@ class Control:
         except (JobStateError, JobError, OptionError) as e:
             raise QMPError("GenericError", str(e)) from None
 
-    # -- lookups --------------------------------------------------------
+    # -- lookups (QEMU's wording) -----------------------------------------
     @staticmethod
     def block_job(proxy, device):
-        job = proxy.job
-        if job is None or job.id != device or job.state.finished:
+        job = _listed(proxy)
+        if job is None or job.id != device:
             raise QMPError("DeviceNotActive",
-                           f"No active block job on device '{device}'")
+                           f"Block job '{device}' not found")
         return job
 
     @staticmethod
     def job(proxy, job_id):
-        job = proxy.job
-        if job is None or job.id != job_id or job.state.finished:
+        job = _listed(proxy)
+        if job is None or job.id != job_id:
             raise QMPError("GenericError", f"Job '{job_id}' not found")
         return job
+
+
+def _listed(proxy):
+    """The proxy's job while QMP lists it: until `null` (a concluded job
+    that waits for job-dismiss is listed)."""
+    job = proxy.job
+    return None if job is None or job.status == "null" else job
+
+
+# -- what the queries show ------------------------------------------------------
+
+def block_job_info(job):
+    """One entry of query-block-jobs (QEMU's BlockJobInfo)."""
+    offset, length = job.progress()
+    info = {
+        "type": "mirror", "device": job.id, "len": length, "offset": offset,
+        "busy": job.busy, "paused": job.state.paused, "speed": job.speed,
+        "io-status": job.io_status, "ready": job.state.ever_ready,
+        "status": str(job.status),
+        "auto-finalize": job.state.auto_finalize,
+        "auto-dismiss": job.state.auto_dismiss,
+        "actively-synced": job.actively_synced,
+    }
+    if job.error:
+        info["error"] = job.error
+    return info
+
+
+def job_info(job):
+    """One entry of query-jobs (QEMU's JobInfo)."""
+    offset, length = job.progress()
+    info = {"id": job.id, "type": "mirror", "status": str(job.status),
+            "current-progress": offset, "total-progress": length}
+    if job.error:
+        info["error"] = job.error
+    return info
 
 
 # -- commands -----------------------------------------------------------------
@@ -96,22 +132,22 @@ def query_commands(proxy):
 
 @command("query-block-jobs")
 def query_block_jobs(proxy):
-    job = proxy.job
-    return [] if job is None or job.state.finished else [job.block_job_info()]
+    job = _listed(proxy)
+    return [] if job is None else [block_job_info(job)]
 
 
 @command("query-jobs")
 def query_jobs(proxy):
-    job = proxy.job
-    return [] if job is None or job.state.finished else [job.job_info()]
+    job = _listed(proxy)
+    return [] if job is None else [job_info(job)]
 
 
 @command("drive-mirror", device=str, target=str, sync=str, _job_id=str,
          _speed=int, _granularity=int, _buf_size=int, _copy_mode=str,
          _on_source_error=str, _on_target_error=str, _target_is_zero=bool,
-         _format=str, _mode=str)
+         _format=str, _mode=str, _auto_finalize=bool, _auto_dismiss=bool)
 def drive_mirror(proxy, device, target, sync, format="raw", mode=None,
-                 **job_args):
+                 auto_finalize=True, auto_dismiss=True, **job_args):
     if device != proxy.device:
         raise QMPError("DeviceNotFound", f"Cannot find device='{device}' nor "
                                          f"node-name='{device}'")
@@ -121,6 +157,7 @@ def drive_mirror(proxy, device, target, sync, format="raw", mode=None,
     args = {k.replace("_", "-"): v for k, v in job_args.items()}
     args.setdefault("job-id", device)
     opts = make_job_options(dict(args, target=target, sync=sync))
+    opts.auto_finalize, opts.auto_dismiss = auto_finalize, auto_dismiss
     proxy.start_job(opts)
     return {}
 
@@ -184,6 +221,18 @@ def block_job_change(proxy, id, type, copy_mode):
     if type != "mirror":
         raise QMPError("GenericError", f"type: {type!r} is not 'mirror'")
     Control.block_job(proxy, id).change(copy_mode)
+    return {}
+
+
+@command("job-finalize", id=str)
+def job_finalize(proxy, id):
+    Control.job(proxy, id).finalize()
+    return {}
+
+
+@command("job-dismiss", id=str)
+def job_dismiss(proxy, id):
+    Control.job(proxy, id).dismiss()
     return {}
 
 

@@ -1,11 +1,12 @@
 """The copier: moves dirty chunks from the source to the target.
 
-It runs in the job's thread with handles of its own (never the guest's), and
-drives them with libnbd aio from one poll loop, so requests overlap without
-Python threads.
+It runs in the job's thread and talks to both endpoints through their aio
+interface (endpoints.py): over an NBD connection the requests overlap, and
+completions arrive from that connection's I/O thread into `_done`, which
+the job thread reaps in pump().
 
 Work comes in *ops*: a run of dirty chunks [c0, c1) taken from the bitmap.
-An op is split into *pieces*, each one NBD request: a read then a write
+An op is split into *pieces*, each one request: a read then a write
 (data), a zero request, or nothing (a range the target already reads as
 zero, or, in `top` mode, a range the source's top layer does not allocate).
 
@@ -20,125 +21,42 @@ Invariants (see also bitmap.py and extents.py):
     again when the op ends.  Progress (`done_bytes`) grows only when an op
     ends without error: it counts work done, not work issued.
   * Bytes of data in flight never exceed buf-size (or one 4K piece when it
-    is smaller): each read takes a buffer from a fixed pool of buf-size /
-    piece-size buffers, reused, never reallocated.
+    is smaller): each read takes a buffer from a pool of at most buf-size /
+    piece-size buffers, made when first needed and then reused.
+
+Who calls what:
+  * the job thread: scan, learn_target, pump, start/stop issuing, drain,
+    abandon, start_flush, set_speed, back_off, converged, busy, throttled;
+  * any thread: wake, guest_wrote, progress;
+  * a write-through guest write, for the chunks it holds: written_through.
 """
 
 import collections
 import errno
 import os
-import select
 import threading
 import time
 
-import nbd
-from bitarray import bitarray
-
-from . import endpoints
-from .endpoints import ALLOCATION_DEPTH, BASE_ALLOCATION, nbd_block_status
 from .chunklocks import ChunkLocks
+from .endpoints import errno_of
 from .extents import ExtentCache
 from .ratelimit import RateLimit
+from .targetzero import TargetZeroMap
 
 REQUEST_SIZE = 1 << 20      # data pieces and coalesced data ops, at most
 ZERO_REQUEST = 1 << 30      # a zero request, at most
 MAX_REQUESTS = 64           # requests in flight, at most
+ABANDON_GRACE = 1.0         # seconds abandon() waits for killed requests
 
 
 class CopyError(Exception):
-    def __init__(self, operation, err, offset):
+    """A failed request.  operation: "read" (the source) or "write" (the
+    target), as BLOCK_JOB_ERROR names them."""
+
+    def __init__(self, operation, err, offset, what=None):
         self.operation, self.errno, self.offset = operation, err, offset
-        super().__init__(f"{operation} error at offset {offset}: "
-                         f"{os.strerror(err)}")
-
-
-def close_handle(h):
-    """Drop a libnbd handle at once, abandoning whatever is in flight."""
-    if hasattr(h, "_o"):
-        nbd.NBD.__del__(h)
-        del h._o
-
-
-# -- endpoints of the copy ---------------------------------------------------
-
-class NbdReader:
-    """The source as an NBD server: aio reads on a private handle."""
-
-    def __init__(self, uri, want_depth):
-        contexts = (BASE_ALLOCATION, ALLOCATION_DEPTH) if want_depth \
-            else (BASE_ALLOCATION,)
-        self.h = endpoints.connect(uri, contexts, "nbdmirror-copy-src")
-        self.want_depth = want_depth
-        self.handles = [self.h]
-
-    def extents(self, offset, count):
-        return nbd_block_status(self.h, offset, count, self.want_depth)
-
-    def read(self, view, offset, done):
-        self.h.aio_pread(nbd.Buffer.from_buffer(view), offset,
-                         completion=lambda err: done(err.value) or 1)
-
-    def close(self):
-        close_handle(self.h)
-
-
-class FileReader:
-    """The source as a raw file: reads are synchronous (page cache or disk
-    speed), so they complete before read() returns."""
-
-    handles = ()
-
-    def __init__(self, path):
-        self.file = endpoints.FileEndpoint(path, readonly=True)
-
-    def extents(self, offset, count):
-        return self.file.extents(offset, count)
-
-    def read(self, view, offset, done):
-        try:
-            self.file.pread(view, offset)
-        except OSError as e:
-            done(endpoints.errno_of(e))
-        else:
-            done(0)
-
-    def close(self):
-        self.file.close()
-
-
-class NbdWriter:
-    """The target: aio writes and zeroes on a private handle."""
-
-    def __init__(self, uri):
-        self.h = endpoints.connect(uri, (BASE_ALLOCATION,), "nbdmirror-copy-dst")
-        self.handles = [self.h]
-        self.can_zero = self.h.can_zero()
-        self.fast_zero = self.h.can_fast_zero()
-        self.has_extents = self.h.can_meta_context(BASE_ALLOCATION)
-
-    def extents(self, offset, count):
-        return nbd_block_status(self.h, offset, count)
-
-    def write(self, view, offset, done):
-        self.h.aio_pwrite(nbd.Buffer.from_buffer(view), offset,
-                          completion=lambda err: done(err.value) or 1)
-
-    def zero(self, count, offset, fast, done):
-        flags = nbd.CMD_FLAG_FAST_ZERO if fast else 0
-        self.h.aio_zero(count, offset, flags=flags,
-                        completion=lambda err: done(err.value) or 1)
-
-    def flush(self):
-        self.h.flush()
-
-    def close(self):
-        close_handle(self.h)
-
-
-def open_reader(source, want_depth):
-    if endpoints.is_nbd_uri(source):
-        return NbdReader(source, want_depth)
-    return FileReader(source)
+        what = what or f"{operation} error at offset {offset}"
+        super().__init__(f"{what}: {os.strerror(err)}")
 
 
 # -- the copy loop -----------------------------------------------------------
@@ -164,36 +82,42 @@ class Piece:
 
 
 class Copier:
-    """Copies what the bitmap marks dirty.  Only the job's thread calls it.
+    """Copies what the bitmap marks dirty (thread rules: module docstring).
 
-    on_error(CopyError) is called (in this thread) for every failed request;
-    the job applies its error policy.
+    on_error(CopyError) is called in the job thread for every failed
+    request; the job applies its error policy.  give_up() is asked while
+    the job thread waits for block status: True abandons the wait.
     """
 
-    def __init__(self, bitmap, reader, writer, *, sync="full", buf_size=16 << 20,
-                 speed=0, target_is_zero=False, on_error=None, locks=None):
+    def __init__(self, bitmap, source, target, *, sync="full",
+                 buf_size=16 << 20, speed=0, target_is_zero=False,
+                 on_error=None, locks=None, give_up=lambda: False):
         self.bitmap = bitmap
-        self.reader, self.writer = reader, writer
+        self.source, self.target = source, target
         self.sync = sync
         self.size = bitmap.size
         self.shift = bitmap.shift
         self.target_is_zero = target_is_zero
         self.on_error = on_error or (lambda e: None)
-        self.cache = ExtentCache(reader.extents)
+        self._give_up = give_up
+        depth = sync == "top"
+        self._source_extents = \
+            lambda off, n: source.extents(off, n, depth, give_up)
+        self.cache = ExtentCache(self._source_extents)
         self.ratelimit = RateLimit(speed)
         # Data pieces fit buf-size: a pool of buf-size / piece bytes buffers.
         self._max_piece = max(4096, min(REQUEST_SIZE, buf_size) & ~4095)
         self._piece_size = self._max_piece
         self.set_speed(speed)
-        nbuf = max(1, buf_size // self._max_piece)
-        self._free = [bytearray(self._max_piece) for _ in range(nbuf)]
-        self._zeroes = bytes(REQUEST_SIZE)
-        self._zero_view = memoryview(self._zeroes)
+        self._buffers_left = max(1, buf_size // self._max_piece)
+        self._free = []
+        self._zero_view = memoryview(bytes(REQUEST_SIZE))
         self.locks = locks or ChunkLocks(bitmap.chunks)
-        self._target_zero = bitarray(bitmap.chunks)  # target reads 0 there
-        self._target_zero.setall(bool(target_is_zero))
+        self.target_zero = TargetZeroMap(bitmap, target_is_zero)
+        self._fast_zero = target.can_fast_zero
         self._queue = collections.deque()          # pieces not yet issued
         self._done = collections.deque()           # (piece, errno) completed
+        self._event = threading.Event()            # set: something to reap
         self._ops = 0                              # live ops
         self._op_bytes = 0                         # bytes of live ops
         self._requests = 0                         # requests in flight
@@ -201,121 +125,126 @@ class Copier:
         self.done_bytes = 0      # progress: bytes copied or known done
         self.copied_bytes = 0    # data bytes written to the target
         self.zeroed_bytes = 0    # bytes zeroed on the target
-        self.issuing = True      # False: let in-flight work drain, start none
-        self.retry_at = 0.0      # after an ignored error, back off until then
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_lock = threading.Lock()
-        self._handles = list(reader.handles) + list(writer.handles)
+        self._issuing = True     # False: let in-flight work drain, start none
+        self._retry_at = 0.0     # after an ignored error, back off until then
+        self._hurry = False      # ignore the speed limit
 
-    # -- control ---------------------------------------------------------
+    # -- control (job thread) --------------------------------------------
     def set_speed(self, speed):
         self.ratelimit.set_speed(speed)
         # Small requests under a limit keep the rate smooth: ~20 per second.
         self._piece_size = self._max_piece if not speed else \
             max(4096, min(self._max_piece, (speed // 20) & ~4095))
 
-    def wake(self):
-        """Called from any thread: make pump() return soon.  A guest thread
-        may call it after close() (it read the tracker just before the job
-        ended): the lock makes that a no-op, never a write to a reused fd."""
-        with self._wake_lock:
-            if self._wake_w is None:
-                return
-            try:
-                os.write(self._wake_w, b"!")
-            except BlockingIOError:
-                pass
+    def start(self):
+        """Issue new work again (after stop())."""
+        self._issuing = True
+
+    def stop(self):
+        """Issue nothing new; what is in flight goes on and ends."""
+        self._issuing = False
+
+    def hurry(self, on):
+        """Ignore the speed limit while `on` (guest I/O is held)."""
+        self._hurry = on
+
+    def _throttle(self):
+        """Seconds to wait for the speed limit before the next request."""
+        return 0.0 if self._hurry else self.ratelimit.delay()
+
+    def back_off(self, seconds):
+        """Issue nothing new for `seconds` (after an ignored error)."""
+        self._retry_at = time.monotonic() + seconds
 
     @property
     def busy(self):
-        """Requests in flight or queued."""
+        """Ops in flight or queued."""
         return self._ops > 0
 
     @property
-    def in_flight_bytes(self):
-        return self._op_bytes
+    def throttled(self):
+        """Waiting for the speed limit, with nothing in flight."""
+        return not self._ops and self._throttle() > 0
 
     def converged(self):
         return not self._ops and not self.bitmap.dirty_chunks
 
-    def close(self):
-        for end in (self.reader, self.writer):
-            try:
-                end.close()
-            except Exception:
-                pass
-        with self._wake_lock:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = None
+    # -- any thread ----------------------------------------------------------
+    def wake(self):
+        """Make pump() return soon."""
+        self._event.set()
+
+    def guest_wrote(self, offset, length):
+        """A guest write to the source completed (or failed): the order
+        matters, see extents.py."""
+        self.cache.invalidate(offset, length)
+        self.bitmap.mark(offset, length)
+
+    def written_through(self, offset, length):
+        """A write-through guest write, holding the chunks of [offset,
+        offset+length) in `locks`, wrote the source and is about to write
+        the target."""
+        self.cache.invalidate(offset, length)
+        self.target_zero.forget(*self.bitmap.chunk_range(offset, length))
+
+    def progress(self):
+        """(bytes done, bytes in flight)."""
+        return self.done_bytes, self._op_bytes
 
     # -- the initial scan ------------------------------------------------
     def learn_target(self):
         """Note where the target reads as zero (full sync only).  Must run
-        before anything but this copier writes the target (write-blocking
-        guest writes): a write-through landing after the target's block
-        status was read would otherwise be taken for zeroes."""
+        before anything but this copier writes the target (targetzero.py)."""
         if self.sync == "full" and self.size and not self.target_is_zero \
-                and self.writer.has_extents:
-            self._scan_extents(self.writer.extents, self._learn_target_zero,
-                               lambda: False)
+                and self.target.can_extents:
+            self._scan_extents(
+                lambda off, n: self.target.extents(off, n,
+                                                   give_up=self._give_up),
+                self.target_zero.learn)
 
-    def scan(self, should_stop=lambda: False):
+    def scan(self):
         """Mark what this sync mode must copy.  Dirty tracking is already on,
         so a guest write during the scan is marked by the guest path; the scan
         only ever sets bits, never clears them."""
         if self.sync == "none" or not self.size:
             return
-        self._scan_extents(self.reader.extents, self._mark_from_source,
-                           should_stop)
+        self._scan_extents(self._source_extents, self._mark_from_source)
 
-    def _scan_extents(self, fetch, apply, should_stop):
+    def _scan_extents(self, fetch, apply):
         pos = 0
-        while pos < self.size and not should_stop():
+        while pos < self.size and not self._give_up():
             extents = fetch(pos, self.size - pos)
             if not extents:
-                raise IOError(f"no block status at offset {pos}")
+                raise OSError(errno.EIO, f"no block status at offset {pos}")
             for e in extents:
                 apply(e)
             pos = extents[-1].end
 
-    def _learn_target_zero(self, e):
-        if e.zero:
-            c0 = (e.start + self.bitmap.granularity - 1) >> self.shift
-            c1 = self.bitmap.chunks if e.end >= self.size else e.end >> self.shift
-            if c0 < c1:
-                self._target_zero[c0:c1] = 1
-
     def _mark_from_source(self, e):
-        c0, c1 = self.bitmap.chunk_range(e.start, e.end - e.start)
+        bm = self.bitmap
+        c0, c1 = bm.chunk_range(e.start, e.end - e.start)
         if self.sync == "top":
             if e.depth == 1:
-                self.bitmap.mark_chunks(c0, c1)
+                bm.mark_chunks(c0, c1)
             return
-        if e.zero:
-            # Chunks wholly inside a zero extent, already zero on the
-            # target: nothing to do, and they count as done.
-            z0 = (e.start + self.bitmap.granularity - 1) >> self.shift
-            z1 = self.bitmap.chunks if e.end >= self.size else e.end >> self.shift
-            c = z0
-            while c < z1:
-                nz = self._target_zero.find(0, c, z1)
-                nz = z1 if nz < 0 else nz
-                self.done_bytes += self.bitmap.chunk_bytes(c, nz)
-                if nz >= z1:
-                    break
-                nzz = self._target_zero.find(1, nz, z1)
-                nzz = z1 if nzz < 0 else nzz
-                self.bitmap.mark_chunks(nz, nzz)
-                c = nzz
-            self.bitmap.mark_chunks(c0, max(c0, z0))
-            self.bitmap.mark_chunks(max(z1, c0), c1)
-        else:
-            self.bitmap.mark_chunks(c0, c1)
+        if not e.zero:
+            bm.mark_chunks(c0, c1)
+            return
+        # Chunks wholly inside a zero extent that the target already reads
+        # as zero: nothing to do, and they count as done.
+        z0, z1 = self.target_zero.whole_chunks(e.start, e.end)
+        for r0, r1, zero in self.target_zero.runs(z0, z1):
+            if zero:
+                self.done_bytes += bm.chunk_bytes(r0, r1)
+            else:
+                bm.mark_chunks(r0, r1)
+        bm.mark_chunks(c0, max(c0, z0))
+        bm.mark_chunks(max(z1, c0), c1)
 
     # -- the loop ----------------------------------------------------------
     def pump(self, timeout):
-        """Reap completions, issue what may be issued, wait for I/O.
+        """Reap completions, issue what may be issued, wait for something
+        to happen.
 
         Returns after at most `timeout` seconds (None: until something
         happens).  Raises nothing for I/O errors: they go to on_error.
@@ -323,104 +252,83 @@ class Copier:
         self._reap()
         self._issue()
         self._reap()
-        self._poll(self._next_timeout(timeout))
+        if not self._done:
+            self._event.wait(self._next_timeout(timeout))
+        self._event.clear()      # before reaping: a later completion sets it
         self._reap()
 
     def _next_timeout(self, timeout):
-        if self.issuing and (self._queue or self.bitmap.dirty_chunks):
-            wait = max(self.ratelimit.delay(), self.retry_at - time.monotonic())
+        if self._issuing and (self._queue or self.bitmap.dirty_chunks):
+            wait = max(self._throttle(), self._retry_at - time.monotonic())
             if wait > 0 and (timeout is None or wait < timeout):
                 return wait
         return timeout
 
-    def _poll(self, timeout):
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        fds = {}
-        for h in self._handles:
-            d = h.aio_get_direction()
-            ev = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
-                (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
-            if ev:
-                fd = h.aio_get_fd()
-                fds[fd] = h
-                poller.register(fd, ev)
-        if self._done:
-            timeout = 0
-        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        for fd, ev in poller.poll(ms):
-            if fd == self._wake_r:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            h = fds[fd]
-            if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                h.aio_notify_read()
-            elif ev & select.POLLOUT:
-                h.aio_notify_write()
-
     # -- issuing -----------------------------------------------------------
     def _issue(self):
-        while self.issuing and self._requests < MAX_REQUESTS:
-            if time.monotonic() < self.retry_at:
+        while self._issuing and self._requests < MAX_REQUESTS:
+            if time.monotonic() < self._retry_at:
                 return
             if not self._queue:
                 # Under a speed limit, wait before taking an op, not while
                 # holding its chunks (write-throughs may wait for them).
-                if self.ratelimit.delay() > 0 or not self._new_op():
+                if self._throttle() > 0 or not self._new_op():
                     return
                 continue         # the op may have needed no request at all
             piece = self._queue[0]
             if piece.kind == "read":
-                if not self._free or self.ratelimit.delay() > 0:
+                buf = self._buffer()
+                if buf is None or self._throttle() > 0:
+                    if buf is not None:
+                        self._free.append(buf)
                     return
                 self._queue.popleft()
-                piece.buf = self._free.pop()
+                piece.buf = buf
                 self.ratelimit.consume(piece.length)
                 self._requests += 1
-                self._start(piece, self.reader.read,
+                self._start(piece, self.source.aio_read,
                             memoryview(piece.buf)[:piece.length], piece.offset)
             else:
                 self._queue.popleft()
                 self._zero(piece)
 
+    def _buffer(self):
+        """A free data buffer, made on first need; None when buf-size
+        bytes of them are all in flight."""
+        if self._free:
+            return self._free.pop()
+        if self._buffers_left:
+            self._buffers_left -= 1
+            return bytearray(self._max_piece)
+        return None
+
     def _start(self, piece, fn, *args):
-        done = lambda err: self._done.append((piece, err))  # noqa: E731
-        try:
-            fn(*args, done)
-        except nbd.Error as e:      # refused before sending (handle dead)
-            done(endpoints.errno_of(e))
+        """Send one request; its completion lands in _done (any thread)."""
+        def done(err):
+            self._done.append((piece, err))
+            self._event.set()
+        fn(*args, done)
 
     def _zero(self, piece):
         """Make [offset, offset+length) read as zeroes on the target."""
         piece.kind = "zero"
-        self._clear_target_zero(piece.offset, piece.length)
+        self._forget_target_zero(piece.offset, piece.length)
         self._requests += 1
-        if self.writer.can_zero:
-            piece.fast = self.writer.fast_zero
-            self._start(piece, self.writer.zero, piece.length, piece.offset,
-                        piece.fast)
+        if self.target.zero_native:
+            piece.fast = self._fast_zero
+            self._start(piece, self.target.aio_zero, piece.length,
+                        piece.offset, piece.fast)
         else:   # no WRITE_ZEROES: write zero buffers
             piece.kind = "write"
-            self._start(piece, self.writer.write,
+            self._start(piece, self.target.aio_write,
                         self._zero_view[:piece.length], piece.offset)
 
-    def forget_target_zero(self, c0, c1):
-        """Chunks [c0, c1) may not read as zero on the target any more.
-        Called by the holder of those chunks (a write-through guest write):
-        no op of ours touches them meanwhile."""
-        self._target_zero[c0:c1] = 0
-
-    def _clear_target_zero(self, offset, length):
-        c0, c1 = self.bitmap.chunk_range(offset, length)
-        self._target_zero[c0:c1] = 0
+    def _forget_target_zero(self, offset, length):
+        self.target_zero.forget(*self.bitmap.chunk_range(offset, length))
 
     def _target_reads_zero(self, offset, length):
-        c0, c1 = self.bitmap.chunk_range(offset, length)
-        return self._target_zero.count(0, c0, c1) == 0
+        return self.target_zero.reads_zero(
+            *self.bitmap.chunk_range(offset, length))
 
     def _find_work(self):
         """First dirty chunk nobody holds, from the cursor, wrapping once."""
@@ -445,7 +353,7 @@ class Copier:
         start = c0 << self.shift
         try:
             first = self.cache.at(start)
-        except (nbd.Error, OSError):
+        except OSError:
             first = None         # sized as data; the lookup below reports it
         if first is not None and (self._skippable(first) or first.zero):
             stop = bm.chunks if first.end >= self.size else first.end >> self.shift
@@ -464,8 +372,9 @@ class Copier:
         self._op_bytes += end - start
         try:
             extents = self.cache.get(start, end)
-        except (nbd.Error, OSError) as e:
-            op.error = CopyError("read", endpoints.errno_of(e), start)
+        except OSError as e:
+            op.error = CopyError("read", errno_of(e), start,
+                                 f"block status at offset {start}")
             self._end_op(op)
             self.on_error(op.error)
             return False         # let the job apply the policy first
@@ -496,7 +405,7 @@ class Copier:
             if self._target_reads_zero(pos, nxt - pos):
                 pos = nxt
                 continue
-            limit = ZERO_REQUEST if self.writer.can_zero else REQUEST_SIZE
+            limit = ZERO_REQUEST if self.target.zero_native else REQUEST_SIZE
             stop = pos
             while stop < end and stop - pos < limit:
                 nxt = min(end, ((stop >> self.shift) + 1) << self.shift)
@@ -520,7 +429,7 @@ class Copier:
                 self._read_done(piece)
                 continue
             if err in (errno.ENOTSUP, errno.EOPNOTSUPP) and piece.fast:
-                self.writer.fast_zero = False      # retry as a plain zero
+                self._fast_zero = False      # retry as a plain zero
                 self._zero(piece)
                 continue
             if piece.buf is not None:
@@ -553,9 +462,9 @@ class Copier:
             self._zero(piece)
             return
         piece.kind = "write"
-        self._clear_target_zero(piece.offset, n)
+        self._forget_target_zero(piece.offset, n)
         self._requests += 1
-        self._start(piece, self.writer.write, memoryview(piece.buf)[:n],
+        self._start(piece, self.target.aio_write, memoryview(piece.buf)[:n],
                     piece.offset)
 
     def _piece_failed(self, piece, err):
@@ -565,7 +474,7 @@ class Copier:
             piece.op.error = e
         if operation == "write":
             # What the target holds there is unknown now.
-            self._clear_target_zero(piece.offset, piece.length)
+            self._forget_target_zero(piece.offset, piece.length)
         self.on_error(e)
 
     def _end_op(self, op):
@@ -581,10 +490,24 @@ class Copier:
     def drain(self, deadline):
         """Stop issuing and wait for in-flight requests, until `deadline`
         (time.monotonic()).  Returns True if nothing is left in flight."""
-        self.issuing = False
+        self._issuing = False
         self._queue_back()
         while self._requests and time.monotonic() < deadline:
             self.pump(max(0.0, deadline - time.monotonic()))
+        return not self._requests
+
+    def abandon(self):
+        """For an abort, after drain(): end the target's requests in flight
+        now (the target connection is killed), reap them, and leave any
+        source read still in flight to finish on its own (its buffer is
+        ours and stays alive).  Returns True if nothing is left."""
+        self._issuing = False
+        self._queue_back()
+        if self._requests:
+            self.target.abort()
+            deadline = time.monotonic() + ABANDON_GRACE
+            while self._requests and time.monotonic() < deadline:
+                self.pump(max(0.0, deadline - time.monotonic()))
         return not self._requests
 
     def _queue_back(self):
@@ -592,12 +515,14 @@ class Copier:
         while self._queue:
             piece = self._queue.popleft()
             if piece.op.error is None:
-                piece.op.error = CopyError("read", errno.ECANCELED, piece.offset)
+                piece.op.error = CopyError("read", errno.ECANCELED,
+                                           piece.offset)
             self._piece_finished(piece)
 
-    def flush(self):
-        """Flush the target.  Raises CopyError on failure."""
-        try:
-            self.writer.flush()
-        except nbd.Error as e:
-            raise CopyError("write", endpoints.errno_of(e), 0) from None
+    def start_flush(self, done):
+        """Flush the target; done(errno) follows from any thread, and
+        pump() returns once it did."""
+        def flushed(err):
+            done(err)
+            self._event.set()
+        self.target.aio_flush(flushed)

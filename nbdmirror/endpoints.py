@@ -1,10 +1,25 @@
-"""Endpoints: a raw image file or an NBD server, behind one small interface.
+"""Endpoints: where the guest's disk lives (the source) and where it is
+mirrored to (the target), behind one interface.
 
-The guest path (guest.py) calls an endpoint's synchronous methods from many
-nbdkit worker threads at once; each method is safe to call concurrently.
-The copier never uses these methods for its bulk I/O: it opens its own
-handles (copier.open_reader / open_writer) so that guest I/O and background
-copying never queue behind one another.
+Kinds: a raw image file (FileEndpoint) and an NBD server (NbdEndpoint, one
+connection for the endpoint's whole life).  open_endpoint() is the one place
+that chooses a kind; adding one is a class here plus a line in KINDS.
+
+The interface (Endpoint):
+  * size and capabilities: can_write, can_flush, can_trim, can_fua,
+    can_fast_zero, can_multi_conn, can_extents (what a guest may be offered;
+    can_zero is always true: an endpoint without native zeroing writes
+    zeroes, and `zero_native` says which), has_depth (qemu:allocation-depth).
+  * synchronous requests, safe from any number of threads at once: pread,
+    pwrite, flush, trim, zero, extents.  They raise OSError with the errno a
+    guest should see (ENOSPC stays ENOSPC).
+  * asynchronous requests, for the copier: aio_read, aio_write, aio_zero,
+    aio_flush.  Each calls done(errno) exactly once (0: success), maybe in
+    another thread, maybe before it returns; they never raise.
+  * abort(): requests in flight end now, with an error; close().
+
+check_job() holds a job's preconditions, checked on the endpoints the job
+will use (no throw-away connection).
 
 Extent flags follow NBD base:allocation (and nbdkit's EXTENT_*): HOLE = 1,
 ZERO = 2.
@@ -14,19 +29,19 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import threading
 from dataclasses import dataclass
 
 import nbd
 
+from .nbdconn import ConnectError, NbdConnection, errno_of  # noqa: F401
 from .options import is_nbd_uri
 
 HOLE = nbd.STATE_HOLE
 ZERO = nbd.STATE_ZERO
 BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
-MAX_REQUEST = 32 << 20          # largest read/write libnbd sends in one go
 MAX_STATUS = 1 << 30            # block status window per request
+ZEROES = bytes(1 << 20)         # source of zero writes
 
 
 class EndpointError(Exception):
@@ -48,42 +63,34 @@ class Extent:
         return bool(self.flags & ZERO)
 
 
-def errno_of(exc):
-    """The errno number of an nbd.Error or OSError (EIO if none).  (An
-    nbd.Error's `errno` is a name such as 'EINVAL'; `errnum` the number.)"""
-    if isinstance(exc, nbd.Error):
-        return exc.errnum or errno.EIO
-    return getattr(exc, "errno", None) or errno.EIO
+def display_uri(uri):
+    """`uri` safe to show in replies, events and logs: the values of its
+    query parameters are masked, except the socket path."""
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    return base + "?" + "&".join(
+        p if p.startswith("socket=") or "=" not in p
+        else p.split("=", 1)[0] + "=***"
+        for p in query.split("&"))
 
 
-def connect(uri, contexts=(BASE_ALLOCATION,), name="nbdmirror"):
-    """Open a libnbd handle on `uri`, asking for the given meta contexts."""
-    h = nbd.NBD()
-    h.set_handle_name(name)
-    for ctx in contexts:
-        h.add_meta_context(ctx)
-    try:
-        h.connect_uri(uri)
-    except nbd.Error as e:
-        raise EndpointError(f"cannot connect to {uri}: {e.string}") from None
-    return h
+class Endpoint:
+    """What every kind provides (see the module docstring)."""
+    uri = None
+    size = 0
+    can_write = can_flush = can_trim = can_fua = can_fast_zero = False
+    can_zero = True
+    zero_native = True
+    can_multi_conn = can_extents = False
+    has_depth = False
+    dead = None                 # why the endpoint stopped working, or None
 
+    def abort(self):
+        """Nothing is ever left in flight."""
 
-def nbd_block_status(h, offset, count, want_depth=False):
-    """Extents of [offset, offset+count) (the server may return less)."""
-    count = min(count, MAX_STATUS, h.get_size() - offset)
-    got = {}
-
-    def cb(metacontext, off, entries, err):
-        got.setdefault(metacontext, list(entries))
-        return 0
-
-    h.block_status(count, offset, cb)
-    base = _runs(offset, got.get(BASE_ALLOCATION, [count, 0]))
-    if not want_depth:
-        return [Extent(s, e, f) for s, e, f in base]
-    depth = _runs(offset, got[ALLOCATION_DEPTH])
-    return _merge(base, depth)
+    def __repr__(self):
+        return f"{type(self).__name__}({self.uri!r})"
 
 
 def _runs(offset, entries):
@@ -112,87 +119,136 @@ def _merge(base, depth):
     return out
 
 
-class NbdEndpoint:
-    """An NBD server.  Guest requests borrow a handle from a pool, so no two
-    threads ever share a synchronous libnbd handle, and the pool never holds
-    more handles than there were concurrent requests."""
+class NbdEndpoint(Endpoint):
+    """An NBD server, over one connection (nbdconn.NbdConnection) shared by
+    every thread: guest requests, the copier and the job.
 
-    def __init__(self, uri, readonly=False):
-        self.uri = uri
-        self._pool = []
-        self._pool_lock = threading.Lock()
-        h = connect(uri)
+    It hides what the server lacks, so that every request a guest may send
+    on a connection negotiated with another endpoint (the source, before a
+    pivot) works here: zero without WRITE_ZEROES becomes writes of zeroes,
+    trim without TRIM does nothing (valid: trim is advisory), FUA without
+    FUA becomes a write then a flush, flush without FLUSH does nothing, and
+    fast zero without FAST_ZERO is refused with ENOTSUP, as NBD asks."""
+
+    def __init__(self, uri, readonly=False, *, want_depth=False,
+                 connect_timeout=10.0, io_timeout=30.0):
+        self.uri = display_uri(uri)
+        contexts = (BASE_ALLOCATION, ALLOCATION_DEPTH) if want_depth \
+            else (BASE_ALLOCATION,)
+        try:
+            self.conn = NbdConnection(
+                uri, contexts, name="nbdmirror", display=self.uri,
+                connect_timeout=connect_timeout, io_timeout=io_timeout)
+        except ConnectError as e:
+            raise EndpointError(str(e)) from None
+        h = self.conn.h
         self.size = h.get_size()
         self.can_write = not h.is_read_only() and not readonly
         self.can_flush = h.can_flush()
         self.can_trim = h.can_trim()
-        self.can_zero = h.can_zero()
         self.can_fast_zero = h.can_fast_zero()
         self.can_fua = h.can_fua()
-        self.can_multi_conn = h.can_multi_conn()
+        self.zero_native = h.can_zero()
         self.can_extents = h.can_meta_context(BASE_ALLOCATION)
-        self._pool.append(h)
+        self.has_depth = h.can_meta_context(ALLOCATION_DEPTH)
+        # One connection carries every guest connection's requests, so a
+        # flush on it covers every write completed before it.
+        self.can_multi_conn = True
 
-    def __repr__(self):
-        return f"NbdEndpoint({self.uri!r})"
+    # -- async (the copier) ---------------------------------------------
+    def aio_read(self, view, offset, done):
+        self.conn.submit(lambda cb: self.conn.h.aio_pread(
+            nbd.Buffer.from_buffer(view), offset, completion=cb), done)
 
-    def _get(self):
-        with self._pool_lock:
-            if self._pool:
-                return self._pool.pop()
-        return connect(self.uri)
+    def aio_write(self, view, offset, done):
+        self.conn.submit(lambda cb: self.conn.h.aio_pwrite(
+            nbd.Buffer.from_buffer(view), offset, completion=cb), done)
 
-    def _put(self, h):
-        with self._pool_lock:
-            self._pool.append(h)
+    def aio_zero(self, count, offset, fast, done):
+        flags = nbd.CMD_FLAG_FAST_ZERO if fast else 0
+        self.conn.submit(lambda cb: self.conn.h.aio_zero(
+            count, offset, completion=cb, flags=flags), done)
 
-    def _call(self, fn):
-        h = self._get()
-        try:
-            return fn(h)
-        finally:
-            self._put(h)
+    def aio_flush(self, done):
+        if not self.can_flush:
+            return done(0)
+        self.conn.submit(lambda cb: self.conn.h.aio_flush(completion=cb),
+                         done)
 
+    # -- sync (guest threads, the job) -------------------------------------
     def pread(self, buf, offset):
-        def fn(h):
-            cookie = h.aio_pread(nbd.Buffer.from_buffer(buf), offset)
-            while not h.aio_command_completed(cookie):
-                h.poll(-1)
-        self._call(fn)
+        self.conn.call(lambda cb: self.conn.h.aio_pread(
+            nbd.Buffer.from_buffer(buf), offset, completion=cb))
 
     def pwrite(self, buf, offset, fua=False):
-        flags = nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
-        self._call(lambda h: h.pwrite(buf, offset, flags))
-        if fua and not self.can_fua:
+        native = fua and self.can_fua
+        flags = nbd.CMD_FLAG_FUA if native else 0
+        self.conn.call(lambda cb: self.conn.h.aio_pwrite(
+            nbd.Buffer.from_buffer(buf), offset, completion=cb, flags=flags))
+        if fua and not native:
             self.flush()
 
     def flush(self):
         if self.can_flush:
-            self._call(lambda h: h.flush())
+            self.conn.call(lambda cb: self.conn.h.aio_flush(completion=cb))
 
     def trim(self, count, offset, fua=False):
-        flags = nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
-        self._call(lambda h: h.trim(count, offset, flags))
+        if self.can_trim:
+            flags = nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
+            self.conn.call(lambda cb: self.conn.h.aio_trim(
+                count, offset, completion=cb, flags=flags))
+            if not fua or self.can_fua:
+                return
+        if fua:
+            self.flush()
 
     def zero(self, count, offset, may_trim=False, fua=False, fast=False):
         if fast and not self.can_fast_zero:
             raise OSError(errno.ENOTSUP, "fast zero not supported")
+        if not self.zero_native:
+            zeroes = memoryview(ZEROES)
+            while count:
+                n = min(count, len(zeroes))
+                self.pwrite(zeroes[:n], offset)
+                offset, count = offset + n, count - n
+            if fua:
+                self.flush()
+            return
+        native_fua = fua and self.can_fua
         flags = (0 if may_trim else nbd.CMD_FLAG_NO_HOLE) | \
-            (nbd.CMD_FLAG_FUA if fua and self.can_fua else 0) | \
+            (nbd.CMD_FLAG_FUA if native_fua else 0) | \
             (nbd.CMD_FLAG_FAST_ZERO if fast else 0)
-        self._call(lambda h: h.zero(count, offset, flags))
+        self.conn.call(lambda cb: self.conn.h.aio_zero(
+            count, offset, completion=cb, flags=flags))
+        if fua and not native_fua:
+            self.flush()
 
-    def extents(self, offset, count):
-        return self._call(lambda h: nbd_block_status(h, offset, count))
+    def extents(self, offset, count, depth=False, give_up=None):
+        """Extents from offset (the server may describe less than count).
+        depth: also qemu:allocation-depth (has_depth must be true)."""
+        count = min(count, MAX_STATUS, self.size - offset)
+        got = {}
+
+        def collect(metacontext, off, entries, err):
+            got.setdefault(metacontext, list(entries))
+            return 0
+
+        self.conn.call(lambda cb: self.conn.h.aio_block_status(
+            count, offset, collect, completion=cb), give_up)
+        base = _runs(offset, got.get(BASE_ALLOCATION, [count, 0]))
+        if not depth:
+            return [Extent(s, e, f) for s, e, f in base]
+        return _merge(base, _runs(offset, got[ALLOCATION_DEPTH]))
+
+    @property
+    def dead(self):
+        return self.conn.dead
+
+    def abort(self):
+        self.conn.kill("abandoned")
 
     def close(self):
-        with self._pool_lock:
-            pool, self._pool = self._pool, []
-        for h in pool:
-            try:
-                h.shutdown()
-            except nbd.Error:
-                pass
+        self.conn.close()
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -209,17 +265,18 @@ def fallocate(fd, mode, offset, length):
         raise OSError(e, os.strerror(e))
 
 
-class FileEndpoint:
+class FileEndpoint(Endpoint):
     """A raw image file (or block device).  os.preadv/os.pwritev move data
     straight between the file and nbdkit's buffer; a file descriptor is safe
-    to share between threads for positional I/O."""
+    to share between threads for positional I/O.  Its aio_* methods do the
+    work at once and call done() before returning (page-cache speed)."""
 
     can_flush = can_trim = can_zero = can_extents = True
     can_fast_zero = False
     can_fua = False            # emulated with a flush
     can_multi_conn = True
 
-    def __init__(self, path, readonly=False):
+    def __init__(self, path, readonly=False, **_timeouts):
         self.uri = self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
@@ -230,9 +287,6 @@ class FileEndpoint:
         except OSError as e:
             raise EndpointError(f"cannot open {path}: {e.strerror}") from None
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-
-    def __repr__(self):
-        return f"FileEndpoint({self.path!r})"
 
     def pread(self, buf, offset):
         view = memoryview(buf)
@@ -285,8 +339,30 @@ class FileEndpoint:
         if fua:
             self.flush()
 
-    def extents(self, offset, count):
-        """Data and holes from SEEK_DATA/SEEK_HOLE; holes read as zero."""
+    # -- async (the copier): done at once ---------------------------------
+    def aio_read(self, view, offset, done):
+        self._now(done, self.pread, view, offset)
+
+    def aio_write(self, view, offset, done):
+        self._now(done, self.pwrite, view, offset)
+
+    def aio_zero(self, count, offset, fast, done):
+        self._now(done, self.zero, count, offset, fast=fast)
+
+    def aio_flush(self, done):
+        self._now(done, self.flush)
+
+    @staticmethod
+    def _now(done, fn, *args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except OSError as e:
+            return done(errno_of(e))
+        done(0)
+
+    def extents(self, offset, count, depth=False, give_up=None):
+        """Data and holes from SEEK_DATA/SEEK_HOLE; holes read as zero.
+        Every byte of a raw file is its top layer (depth 1)."""
         end = min(offset + count, self.size)
         out, pos = [], offset
         while pos < end:
@@ -311,8 +387,42 @@ class FileEndpoint:
             self.fd = -1
 
 
-def open_endpoint(spec, readonly=False):
-    """A FileEndpoint for a path, an NbdEndpoint for an NBD URI."""
-    if is_nbd_uri(spec):
-        return NbdEndpoint(spec, readonly)
-    return FileEndpoint(spec, readonly)
+# Endpoint kinds, tried in order: (accepts(spec), class).
+KINDS = [
+    (lambda spec: is_nbd_uri(spec), NbdEndpoint),
+    (lambda spec: True, FileEndpoint),
+]
+
+
+def endpoint_kind(spec):
+    return next(cls for accepts, cls in KINDS if accepts(spec))
+
+
+def open_endpoint(spec, readonly=False, *, want_depth=False,
+                  connect_timeout=10.0, io_timeout=30.0):
+    """Open the endpoint `spec` names (a file path or an NBD URI).  Raises
+    EndpointError with a one-line reason."""
+    cls = endpoint_kind(spec)
+    kwargs = dict(connect_timeout=connect_timeout, io_timeout=io_timeout)
+    if cls is NbdEndpoint:
+        kwargs["want_depth"] = want_depth
+    return cls(spec, readonly, **kwargs)
+
+
+def check_job(source, target, sync):
+    """Raise EndpointError unless a mirror job from `source` to `target`
+    (open endpoints) can start.  Asks nothing of the servers: what it needs
+    was learnt while connecting."""
+    if not target.can_write:
+        raise EndpointError(f"target {target.uri} is read-only")
+    if target.size != source.size:
+        raise EndpointError(f"target size {target.size} differs from source "
+                            f"size {source.size}")
+    if sync == "top" and not source.has_depth:
+        if isinstance(source, NbdEndpoint):
+            raise EndpointError(
+                f"sync=top: source {source.uri} does not offer "
+                f"{ALLOCATION_DEPTH} (serve it with qemu-nbd -A)")
+        raise EndpointError(
+            f"sync=top needs an NBD source that offers {ALLOCATION_DEPTH} "
+            f"(qemu-nbd -A); {source.uri} is a file")

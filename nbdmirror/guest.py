@@ -84,11 +84,13 @@ class GuestIO:
         self.mirror = mirror
 
     def switch_backend(self, backend):
-        """Pivot: only with the gate closed and empty."""
+        """Pivot: only with the gate closed and empty.  Returns the old
+        backend, which the caller now owns (and closes)."""
         assert self.gate.closed and not self.gate.active, \
             "switch_backend needs the gate closed and empty"
-        self.backend = backend
+        old, self.backend = self.backend, backend
         self.mirror = None
+        return old
 
     # -- requests -----------------------------------------------------------
     def _change(self, offset, length, on_source, on_target):

@@ -1,18 +1,33 @@
 """A mirror job: the state machine, the copier and the events, in one thread.
 
 Threads and locks:
-  * The job thread (run) owns the copier and its handles, and performs every
-    status transition.
+  * The job thread (run) drives the copier and performs every status
+    transition.
   * Management (QMP) threads call the verb methods (pause, complete, ...).
     They take `_lock`, ask jobstate whether the verb is allowed, record the
-    request, and wake the job thread.  They never touch the copier.
-  * Guest threads call guest_wrote() after each write: it invalidates the
-    extent cache and marks the bitmap, in that order (extents.py says why).
-    In write-blocking mode they call write_through() instead, which holds
-    the write's chunks in `locks` (chunklocks.py) while it writes the source
-    and then the target.
-`_lock` guards `state`, `_speed`, `error` and `copy_mode`.  Events are
-emitted with it held, so their order is the order of the transitions.
+    request, and wake the job thread.  They never touch the copier beyond
+    waking it.
+  * Guest threads call guest_wrote() after each write (the copier marks the
+    bitmap).  In write-blocking mode they call write_through() instead,
+    which holds the write's chunks in `locks` (chunklocks.py) while it
+    writes the source and then the target.
+`_lock` guards `state`, `_speed`, `error`, `io_status` and `copy_mode`.
+Events are emitted with it held, so their order is the order of the
+transitions.
+
+Bounds (issue "work with NBD servers as people run them"):
+  * Guest I/O is held for a pivot at most PIVOT_HOLD_LIMIT seconds: the
+    job converges and flushes with the guest running, then holds it only
+    for the last dirty bytes, a final flush and the switch.  Past the
+    limit it lets the guest go and tries again; a final flush that does
+    not answer in time is an error (ETIMEDOUT) under on-target-error.
+  * An abort (force cancel, or an error under `report`) ends the job within
+    ABORT_GRACE + copier.ABANDON_GRACE seconds: requests still in flight to
+    the target are then ended by killing the connection, which also frees
+    guest write-throughs waiting on it (their data is on the source, their
+    chunks are marked dirty, and the guest gets its answer).
+  * A job whose cancel was accepted never pivots: the switch happens under
+    `_lock`, after looking at what was asked last.
 """
 
 import errno
@@ -20,71 +35,64 @@ import threading
 import time
 import traceback
 
-from . import endpoints
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
-from .copier import CopyError, Copier, NbdWriter, open_reader
+from .copier import CopyError, Copier
 from .jobstate import Action, JobState, Status
 
-ABORT_GRACE = 2.0       # seconds a cancel waits for in-flight requests
+S = Status
+ABORT_GRACE = 1.0       # seconds an abort waits for in-flight requests
 IDLE_WAKEUP = 1.0       # the job thread looks around at least this often
+PIVOT_HOLD_LIMIT = 5.0  # seconds guest I/O may be held for a pivot
+HOLD_AIM = 0.5          # hold when the backlog takes about this long to copy
+HOLD_MIN_BACKLOG = 1 << 20   # ... or is this small, whatever the rate
+HOLD_RETRY_DELAY = 1.0  # after a hold that ran out, let the guest run this long
+HOLD_PATIENCE = 1.0     # hold anyway once the backlog stayed big this long
+RATE_INTERVAL = 0.5     # seconds between copy rate samples
+ERROR_EVENT_INTERVAL = 0.1   # BLOCK_JOB_ERROR at most this often (`ignore`)
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0   # `ignore` retries, doubling
 
 
 class JobError(Exception):
     """A refused request; str() is the one-line reason."""
 
 
-def check_preconditions(source, opts):
-    """Raise JobError unless a job from `source` (an endpoint) to
-    opts.target can start.  Writes nothing."""
-    try:
-        h = endpoints.connect(opts.target, name="nbdmirror-check")
-    except endpoints.EndpointError as e:
-        raise JobError(f"target: {e}") from None
-    try:
-        if h.is_read_only():
-            raise JobError(f"target {opts.target} is read-only")
-        size = h.get_size()
-        if size != source.size:
-            raise JobError(f"target size {size} differs from source size "
-                           f"{source.size}")
-    finally:
-        del h
-    if opts.sync == "top":
-        if not endpoints.is_nbd_uri(source.uri):
-            raise JobError(
-                f"sync=top needs an NBD source that offers "
-                f"{endpoints.ALLOCATION_DEPTH} (qemu-nbd -A); "
-                f"{source.uri} is a file")
-        hs = endpoints.connect(source.uri, (endpoints.ALLOCATION_DEPTH,),
-                               name="nbdmirror-check")
-        if not hs.can_meta_context(endpoints.ALLOCATION_DEPTH):
-            raise JobError(
-                f"sync=top: source {source.uri} does not offer "
-                f"{endpoints.ALLOCATION_DEPTH} (serve it with qemu-nbd -A)")
-
-
 class Job:
-    def __init__(self, opts, device, guest, source, emit, on_end=None):
+    """One mirror job from `source` to `target` (open endpoints; the job
+    owns `target` until a pivot hands it to the guest path)."""
+
+    def __init__(self, opts, guest, source, target, emit):
         self.opts = opts
         self.id = opts.job_id
-        self.device = device
         self.guest = guest
-        self.source = source             # endpoint the job copies from
+        self.source = source
+        self.target = target
         self.emit = emit                 # emit(event, data)
-        self.on_end = on_end or (lambda job: None)
-        self.state = JobState(self.id)
+        self.state = JobState(self.id,
+                              getattr(opts, "auto_finalize", True),
+                              getattr(opts, "auto_dismiss", True))
         self.bitmap = DirtyBitmap(source.size, opts.granularity)
         self.locks = ChunkLocks(self.bitmap.chunks)
-        self.copier = None
+        self.copier = Copier(
+            self.bitmap, source, target, sync=opts.sync,
+            buf_size=opts.buf_size, speed=opts.speed,
+            target_is_zero=opts.target_is_zero, on_error=self._on_error,
+            locks=self.locks, give_up=self._aborting)
         self.copy_mode = opts.copy_mode
-        self._active_target = None       # write-through endpoint
-        self._active_bytes = 0           # written through to the target
+        self._target_learnt = False      # write-throughs may start
+        self._through_bytes = 0          # written through to the target
         self.error = None                # why the job failed, if it did
         self.io_status = "ok"
         self.pivoted = False
-        self._speed = opts.speed
+        self.speed = opts.speed
         self._applied_speed = opts.speed
+        self._backoff = BACKOFF_MIN
+        self._backoff_until = 0.0
+        self._last_error_event = 0.0
+        self._hold_retry_at = 0.0
+        self._finish_asked = None        # when complete/soft cancel came
+        self._rate = 0.0                 # bytes/s copied, smoothed
+        self._rate_at = (time.monotonic(), 0)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.run, daemon=True,
                                         name=f"nbdmirror-job-{self.id}")
@@ -95,7 +103,7 @@ class Job:
     def _verb(self, fn, *args):
         with self._lock:
             fn(*args)
-        self._wake()
+        self.copier.wake()
 
     def pause(self):
         self._verb(self.state.pause)
@@ -112,13 +120,21 @@ class Job:
     def cancel(self, force=False):
         self._verb(self.state.cancel, force)
 
+    def finalize(self):
+        self._verb(self.state.finalize)
+
+    def dismiss(self):
+        with self._lock:
+            self.state.dismiss()
+            self._emit_status()
+
     def set_speed(self, speed):
         if speed < 0:
             raise JobError("Parameter 'speed' expects a non-negative value")
 
         def set_speed():
             self.state.check("set-speed")
-            self._speed = speed
+            self.speed = speed
         self._verb(set_speed)
 
     def change(self, copy_mode):
@@ -135,77 +151,47 @@ class Job:
                 raise JobError(f"Job '{self.id}': cannot change copy-mode "
                                "from 'write-blocking' to 'background'")
             self.copy_mode = copy_mode
-        self._wake()
-
-    @property
-    def write_blocking(self):
-        """Guest writes go through write_through() (once the job thread has
-        the target endpoint for them)."""
-        return self.copy_mode == "write-blocking" and \
-            self._active_target is not None
-
-    def _wake(self):
-        copier = self.copier
-        if copier is not None:
-            copier.wake()
+        self.copier.wake()
 
     # -- queries (any thread) ------------------------------------------------
     @property
     def status(self):
         return self.state.status
 
+    @property
+    def write_blocking(self):
+        """Guest writes go through write_through() (once the job knows
+        where the target reads as zero: targetzero.py)."""
+        return self.copy_mode == "write-blocking" and self._target_learnt
+
+    @property
+    def actively_synced(self):
+        """As QEMU 8.2+: write-blocking keeps the target in step now."""
+        return self.write_blocking and not self.bitmap.dirty_chunks and \
+            self.status in (S.READY, S.STANDBY) and self.target.dead is None
+
+    @property
+    def busy(self):
+        return self.status in (S.RUNNING, S.READY) and \
+            not self.state.paused and not self.copier.throttled
+
     def progress(self):
         """(offset, len) as INTERFACE.md §5 defines them."""
-        c = self.copier
-        if c is None:
-            return 0, self.bitmap.dirty_bytes()
-        offset = c.done_bytes + self._active_bytes
-        return offset, offset + self.bitmap.dirty_bytes() + c.in_flight_bytes
-
-    def block_job_info(self):
-        offset, length = self.progress()
-        info = {
-            "type": "mirror", "device": self.id, "len": length,
-            "offset": offset,
-            "busy": self.status in (Status.RUNNING, Status.READY)
-                    and not self.state.paused,
-            "paused": self.state.paused, "speed": self._speed,
-            "io-status": self.io_status, "ready": self.state.ever_ready,
-            "status": str(self.status), "auto-finalize": True,
-            "auto-dismiss": True,
-        }
-        if self.error:
-            info["error"] = self.error
-        return info
-
-    def job_info(self):
-        offset, length = self.progress()
-        info = {"id": self.id, "type": "mirror", "status": str(self.status),
-                "current-progress": offset, "total-progress": length}
-        if self.error:
-            info["error"] = self.error
-        return info
+        done, in_flight = self.copier.progress()
+        offset = done + self._through_bytes
+        return offset, offset + self.bitmap.dirty_bytes() + in_flight
 
     def _event_data(self, **extra):
         offset, length = self.progress()
         data = {"type": "mirror", "device": self.id, "len": length,
-                "offset": offset, "speed": self._speed}
+                "offset": offset, "speed": self.speed}
         data.update(extra)
         return data
 
-    # -- the job thread ----------------------------------------------------
-    def start(self):
-        self._thread.start()
-
-    def wait(self, timeout=None):
-        return self._done.wait(timeout)
-
+    # -- the guest path's hooks (guest threads) ------------------------------
     def guest_wrote(self, offset, length):
-        """The guest path's tracker: after a write to the source completed."""
-        copier = self.copier
-        if copier is not None:
-            copier.cache.invalidate(offset, length)
-        self.bitmap.mark(offset, length)
+        """After a guest write to the source completed (or failed)."""
+        self.copier.guest_wrote(offset, length)
 
     def write_through(self, offset, length, on_source, on_target):
         """A write-blocking guest write: source, then target, then answer.
@@ -214,8 +200,9 @@ class Job:
         waits for those to end) and none starts: a copy cannot read the
         source before this write and land on the target after it.  The
         chunks' dirty bits are left as they are: this write changes source
-        and target alike.  If the target write fails, the range becomes
-        dirty and the copier copies it (and applies the error policy)."""
+        and target alike.  If the target write fails (or the job ends and
+        drops the target meanwhile), the range becomes dirty and the copier
+        copies it (and applies the error policy)."""
         c0, c1 = self.bitmap.chunk_range(offset, length)
         if not self.locks.take(c0, c1):
             return on_source()       # the job ended while this write waited
@@ -225,25 +212,36 @@ class Job:
             except BaseException:
                 self.guest_wrote(offset, length)
                 raise
-            copier = self.copier
-            copier.cache.invalidate(offset, length)
-            copier.forget_target_zero(c0, c1)
+            self.copier.written_through(offset, length)
             try:
-                on_target(self._active_target)
+                on_target(self.target)
             except Exception:       # noqa: BLE001 - the guest's write is done
                 self.bitmap.mark(offset, length)
             else:
                 with self._lock:
-                    self._active_bytes += length
+                    self._through_bytes += length
             return result
         finally:
             self.locks.release(c0, c1)
-            self._wake()
+            self.copier.wake()
 
-    def _to(self, status):
+    # -- the job thread ----------------------------------------------------
+    def start(self):
+        self._thread.start()
+
+    def wait(self, timeout=None):
+        return self._done.wait(timeout)
+
+    def _advance(self, *steps):
+        """Under `_lock`, in order: move to each Status given (with its
+        JOB_STATUS_CHANGE) or emit each (event, data) given."""
         with self._lock:
-            self.state.to(status)
-            self._emit_status()
+            for step in steps:
+                if isinstance(step, Status):
+                    self.state.to(step)
+                    self._emit_status()
+                else:
+                    self.emit(*step)
 
     def _emit_status(self):
         self.emit("JOB_STATUS_CHANGE", {"id": self.id,
@@ -253,14 +251,18 @@ class Job:
         with self._lock:
             return self.state.next_action()
 
+    def _aborting(self):
+        return self._action() is Action.ABORT
+
     def run(self):
+        old_source = None
         try:
-            self._open()                 # `running`: handles open, tracking on
-            self._to(Status.RUNNING)
-            self.copier.scan(should_stop=lambda: self._action() is Action.ABORT)
-            self._loop()
+            self._open()                 # `running`: tracking on
+            self._advance(S.RUNNING)
+            self._scan()
+            old_source = self._loop()
         except Exception as e:          # noqa: BLE001 - the job must end
-            if not isinstance(e, (CopyError, endpoints.EndpointError, OSError)):
+            if not isinstance(e, (CopyError, OSError)):
                 traceback.print_exc()
             with self._lock:
                 self.error = self.error or str(e) or type(e).__name__
@@ -271,145 +273,229 @@ class Job:
                 self.guest.set_mirror(None)
             self.bitmap.on_dirty = None
             self.locks.abandon()
-            if self._active_target is not None and not self.pivoted:
-                self._active_target.close()
-            if self.copier is not None:
-                self.copier.close()
+            if not self.pivoted:
+                self.target.close()
+            elif old_source is not None:
+                old_source.close()
             self._done.set()
-            self.on_end(self)
 
     def _open(self):
-        writer = NbdWriter(self.opts.target)
         try:
-            reader = open_reader(self.source.uri, self.opts.sync == "top")
-        except Exception:
-            writer.close()
-            raise
-        self.copier = Copier(
-            self.bitmap, reader, writer, sync=self.opts.sync,
-            buf_size=self.opts.buf_size, speed=self._speed,
-            target_is_zero=self.opts.target_is_zero, on_error=self._on_error,
-            locks=self.locks)
+            self.copier.learn_target()   # before any write-through
+        except OSError:
+            pass            # what was learnt holds; the rest is not skipped
+        self._target_learnt = True
         self.bitmap.on_dirty = self.copier.wake
-        self.copier.learn_target()       # before any write-through
-        # The endpoint write-blocking mode writes through, ready for a switch.
-        self._active_target = endpoints.NbdEndpoint(self.opts.target)
         # Tracking starts before the scan (QEMU issue 3273).
         self.guest.set_mirror(self)
 
+    def _scan(self):
+        """The initial scan.  A block-status error goes through
+        on-source-error like any later one; if the job goes on, everything
+        is marked dirty and each op looks at its own extents."""
+        try:
+            self.copier.scan()
+        except OSError as e:
+            if e.errno == errno.ECANCELED:
+                return                  # an abort; the loop sees it
+            self._on_error(CopyError("read", e.errno or errno.EIO, 0,
+                                     "block status scan"))
+            self.bitmap.mark_all()
+
     def _loop(self):
+        """Until the job ends.  Returns the endpoint the guest left in a
+        pivot (for run() to close), or None."""
         c = self.copier
+        done_before = 0
         while True:
             action = self._action()
-            if self._speed != self._applied_speed:
-                self._applied_speed = self._speed
+            if self.speed != self._applied_speed:
+                self._applied_speed = self.speed
                 c.set_speed(self._applied_speed)
+            if c.done_bytes != done_before:     # progress: errors are over
+                done_before, self._backoff = c.done_bytes, BACKOFF_MIN
+            self._measure_rate()
             if action is Action.ABORT:
-                return self._abort()
+                self._abort()
+                return None
             if action is Action.PAUSE:
                 self._pause_step()
                 continue
-            if self.status in (Status.PAUSED, Status.STANDBY):
-                self._to(self.state.resumed_status())
-            c.issuing = True
+            if self.status in (S.PAUSED, S.STANDBY):
+                self._advance(self.state.resumed_status())
+            c.start()
+            # After an ignored error or a hold that ran out, wait a little
+            # before flushing (or holding the guest) again.
+            now = time.monotonic()
+            may_retry = now >= max(self._hold_retry_at, self._backoff_until)
             if action in (Action.COMPLETE, Action.SOFT_CANCEL):
-                if self._finish(action):
-                    return
-                continue
-            if self.status is Status.RUNNING and c.converged() \
-                    and self._flush_then(self._ready):
+                if self._finish_asked is None:
+                    self._finish_asked = now
+                if may_retry and self._may_hold(now):
+                    ended, old_source = self._finish(action)
+                    if ended:
+                        return old_source
+                    continue
+            if self.status is S.RUNNING and may_retry and c.converged() \
+                    and self._flush() and c.converged():
+                self._advance(S.READY,
+                              ("BLOCK_JOB_READY", self._event_data()))
                 continue
             c.pump(IDLE_WAKEUP)
+
+    def _measure_rate(self):
+        now, done = time.monotonic(), self.copier.done_bytes
+        then, done_then = self._rate_at
+        if now - then >= RATE_INTERVAL:
+            self._rate = (self._rate + (done - done_then) / (now - then)) / 2
+            self._rate_at = (now, done)
+
+    def _may_hold(self, now):
+        """Hold guest I/O for the end once what is left copies in about
+        HOLD_AIM seconds, or, if a guest writes faster than the (speed
+        limited) copy drains, after HOLD_PATIENCE: held, it runs at full
+        speed, and the hold is bounded anyway."""
+        return self._backlog() <= max(HOLD_MIN_BACKLOG,
+                                      self._rate * HOLD_AIM) or \
+            now - self._finish_asked >= HOLD_PATIENCE
+
+    def _backlog(self):
+        """Bytes still to copy: dirty or in flight."""
+        return self.bitmap.dirty_bytes() + self.copier.progress()[1]
 
     def _pause_step(self):
         """Let in-flight copies finish, then sit still until woken."""
         c = self.copier
-        c.issuing = False
+        c.stop()
         c.drain(time.monotonic())        # hand queued pieces back as dirty
         if c.busy:
             c.pump(IDLE_WAKEUP)
             return
         target = self.state.paused_status()
         if target is not None:
-            self._to(target)
+            self._advance(target)
         c.pump(IDLE_WAKEUP)
 
-    def _ready(self):
-        with self._lock:
-            self.state.to(Status.READY)
-            self._emit_status()
-            self.emit("BLOCK_JOB_READY", self._event_data())
-
-    def _flush_then(self, then):
-        """Flush the target; run `then` if it worked and nothing got dirty
-        meanwhile.  A failed flush goes through the error policy."""
-        try:
-            self.copier.flush()
-        except CopyError as e:
-            self._on_error(e)
+    def _flush(self, deadline=None):
+        """Flush the target while the copier goes on.  True if it worked;
+        False on an abort, or on an error or a timeout (both through the
+        error policy)."""
+        result = []
+        self.copier.start_flush(result.append)
+        while not result:
+            if self._aborting():
+                return False
+            wait = IDLE_WAKEUP
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    self._on_error(CopyError("write", errno.ETIMEDOUT, 0,
+                                             "target flush"))
+                    return False
+            self.copier.pump(min(wait, IDLE_WAKEUP))
+        if result[0]:
+            self._on_error(CopyError("write", result[0], 0, "target flush"))
             return False
-        if not self.copier.converged():
-            return False
-        then()
         return True
 
     def _finish(self, action):
-        """Complete (pivot) or soft-cancel: hold guest I/O, copy the rest,
-        flush, and for complete switch the guest to the target.  Returns
-        True when the job ended, False to go on looping (e.g. an ignored
-        error, or a cancel arrived)."""
+        """Complete (pivot) or soft-cancel, with a small backlog left:
+        flush with the guest running, then hold guest I/O for the last
+        dirty bytes (copied at full speed), a final flush and the switch.
+        Returns (ended, old source): ended False means go on looping (an
+        error, a cancel, or a hold that ran out)."""
         c = self.copier
+        if not self._flush():
+            return False, None
         gate = self.guest.gate
         gate.close()
+        c.hurry(True)            # the guest waits: no speed limit now
+        deadline = time.monotonic() + PIVOT_HOLD_LIMIT
         try:
-            # Guest requests inside may be write-throughs waiting for ops of
-            # ours to end: keep pumping while they drain.
-            while not gate.wait_empty(0.01):
-                if self._action() is Action.ABORT:
-                    return False
-                c.pump(0)
-            while not c.converged():
-                if self._action() is Action.ABORT:
-                    return False
-                c.pump(IDLE_WAKEUP)
-                if self.state.error_paused:      # policy "stop" while held
-                    return False
-            if not self._flush_then(lambda: None):
-                return False
-            if action is Action.COMPLETE:
-                self.guest.switch_backend(self._active_target)
-                self.pivoted = True
-            else:
-                self.guest.set_mirror(None)
+            if not self._held_converge(deadline) or \
+                    not self._flush(deadline) or not c.converged():
+                return False, None
+            with self._lock:
+                if self.state.next_action() is not action:
+                    return False, None      # a cancel or an error came
+                self.state.to(S.PENDING)
+                self._emit_status()
+                if action is Action.SOFT_CANCEL or self.state.auto_finalize:
+                    old = self._switch(action)
+                    self._conclude(("BLOCK_JOB_COMPLETED",
+                                    self._event_data()))
+                    return True, old
+            return self._await_finalize()
         finally:
+            c.hurry(False)
             gate.open()
-        with self._lock:
-            self.state.to(Status.PENDING)
-            self._emit_status()
-            self.emit("BLOCK_JOB_COMPLETED", self._event_data())
-            self.state.to(Status.CONCLUDED)
-            self._emit_status()
-            self.state.to(Status.NULL)
-            self._emit_status()
+
+    def _held_converge(self, deadline):
+        """With the gate closed: wait for the guest requests inside (they
+        may be write-throughs waiting for our ops: keep pumping), then copy
+        what they dirtied.  False on abort, error pause or deadline."""
+        c = self.copier
+        gate = self.guest.gate
+        while not gate.wait_empty(0) or not c.converged():
+            if self._action() not in (Action.COMPLETE, Action.SOFT_CANCEL):
+                return False
+            if time.monotonic() >= deadline:
+                self._hold_retry_at = time.monotonic() + HOLD_RETRY_DELAY
+                return False
+            c.pump(0.01 if gate.active else 0.1)
         return True
+
+    def _await_finalize(self):
+        """auto-finalize false: the job waits in `pending`, guest I/O still
+        held (QEMU keeps the source drained), for job-finalize or a cancel.
+        Returns as _finish does."""
+        while True:
+            with self._lock:
+                if self.state.next_action() is Action.ABORT:
+                    break
+                if self.state.finalized:
+                    old = self._switch(Action.COMPLETE)
+                    self._conclude(("BLOCK_JOB_COMPLETED",
+                                    self._event_data()))
+                    return True, old
+            self.copier.pump(IDLE_WAKEUP)
+        self._abort()
+        return True, None
+
+    def _switch(self, action):
+        """With the gate closed and empty, `_lock` held: the pivot, or (soft
+        cancel) stop tracking.  Returns the endpoint the guest left."""
+        if action is Action.COMPLETE:
+            old = self.guest.switch_backend(self.target)
+            self.pivoted = True
+            return old
+        self.guest.set_mirror(None)
+        return None
+
+    def _conclude(self, event):
+        """With `_lock` held: the final event, `concluded`, and `null`
+        unless the job waits to be dismissed."""
+        self.emit(*event)
+        self.state.to(S.CONCLUDED)
+        self._emit_status()
+        if self.state.auto_dismiss:
+            self.state.to(S.NULL)
+            self._emit_status()
 
     def _abort(self):
         """Stop at once: cancel, or an error with policy `report`."""
-        if self.status not in (Status.ABORTING, Status.CONCLUDED, Status.NULL):
-            self._to(Status.ABORTING)
+        if self.status not in (S.ABORTING, S.CONCLUDED, S.NULL):
+            self._advance(S.ABORTING)
         c = self.copier
-        if c is not None:
-            c.drain(time.monotonic() + ABORT_GRACE)
+        if not c.drain(time.monotonic() + ABORT_GRACE):
+            c.abandon()
         with self._lock:
-            if self.error is None and self.state.force_cancelled:
-                self.emit("BLOCK_JOB_CANCELLED", self._event_data())
+            if self.error is None and self.state.cancelled:
+                event = ("BLOCK_JOB_CANCELLED", self._event_data())
             else:
-                self.emit("BLOCK_JOB_COMPLETED",
-                          self._event_data(error=self.error or "job failed"))
-            self.state.to(Status.CONCLUDED)
-            self._emit_status()
-            self.state.to(Status.NULL)
-            self._emit_status()
+                event = ("BLOCK_JOB_COMPLETED",
+                         self._event_data(error=self.error or "job failed"))
+            self._conclude(event)
 
     # -- errors ------------------------------------------------------------
     def _on_error(self, e):
@@ -418,9 +504,19 @@ class Job:
             else self.opts.on_target_error
         if policy == "enospc":
             policy = "stop" if e.errno == errno.ENOSPC else "report"
+        now = time.monotonic()
         with self._lock:
             if self.state.next_action() is Action.ABORT:
                 return              # already ending; no more noise
+            if policy == "ignore":
+                # Retry later, later each time; and not an event per request.
+                if now >= self._backoff_until:
+                    self.copier.back_off(self._backoff)
+                    self._backoff_until = now + self._backoff
+                    self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                if now - self._last_error_event < ERROR_EVENT_INTERVAL:
+                    return
+            self._last_error_event = now
             self.emit("BLOCK_JOB_ERROR", {"device": self.id,
                                           "operation": e.operation,
                                           "action": policy})
@@ -431,6 +527,4 @@ class Job:
                 self.io_status = "nospace" if e.errno == errno.ENOSPC \
                     else "failed"
                 self.state.pause_on_error()
-            else:
-                self.copier.retry_at = time.monotonic() + 0.1
         self.copier.wake()           # the loop looks at the new action now

@@ -18,14 +18,27 @@ A job's `status` moves only along TRANSITIONS (INTERFACE.md §4):
 Management does not move the status directly: it issues *verbs* (cancel,
 pause, resume, set-speed, complete, change).  VERBS says in which states each
 verb is accepted, as QEMU's job.c does; a refused verb raises VerbError with
-QEMU's wording.  An accepted verb records a *request* (user_paused,
-completing, cancelling); the copier reads `next_action()` and performs the
+QEMU's wording.  An accepted verb records a *request* (`ending`,
+`paused_by`); the job thread reads `next_action()` and performs the
 transition once the work it implies is done (e.g. `paused` only after the
 in-flight copies have drained).
 
+What management has asked for is two named things, not a bag of flags:
+  * `ending`: how the job was asked to end, None while it was not: COMPLETE
+    (pivot), SOFT_CANCEL (converge, no pivot) or ABORT (cancel, or an error
+    with policy `report`).  ABORT overrides the other two; nothing
+    overrides ABORT.
+  * `paused_by`: who holds the job paused: "user" (pause verb) and/or
+    "error" (an error with policy `stop`).  resume clears both.
+next_action() turns these into what the job thread should do now.
+
+With auto-finalize false, a completed job waits in `pending` for the
+finalize verb (the pivot happens then; guest I/O stays held meanwhile, as
+QEMU keeps the source drained); with auto-dismiss false, a concluded job
+waits for the dismiss verb before `null`.
+
 Departures from QEMU, on purpose:
-  * no `waiting` state and no manual finalize/dismiss: one job, auto-finalize
-    and auto-dismiss are always true.
+  * no `waiting` state: one job, no transactions.
   * `complete` is accepted in `standby` too (INTERFACE.md §5); completing
     overrides a user pause, since the final copy happens with guest I/O held.
 """
@@ -56,16 +69,16 @@ TRANSITIONS = {
     S.PAUSED: {S.RUNNING, S.ABORTING},
     S.READY: {S.STANDBY, S.PENDING, S.ABORTING},
     S.STANDBY: {S.READY, S.PENDING, S.ABORTING},
-    S.PENDING: {S.CONCLUDED},
+    S.PENDING: {S.CONCLUDED, S.ABORTING},
     S.ABORTING: {S.CONCLUDED},
     S.CONCLUDED: {S.NULL},
     S.NULL: set(),
 }
 
-_LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY}
+_LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.PENDING}
 
 VERBS = {
-    "cancel": _LIVE,       # pending is left at once (no manual finalize)
+    "cancel": _LIVE,
     "pause": _LIVE,
     "resume": _LIVE,
     "set-speed": _LIVE,
@@ -101,19 +114,26 @@ class Action(str, enum.Enum):
     ABORT = "abort"           # stop at once
 
 
-class JobState:
-    """One job's status plus the requests management made of it."""
+class End(str, enum.Enum):
+    """How the job was asked to end."""
+    COMPLETE = "complete"
+    SOFT_CANCEL = "soft-cancel"
+    ABORT = "abort"
 
-    def __init__(self, job_id):
+
+class JobState:
+    """One job's status plus what management asked of it."""
+
+    def __init__(self, job_id, auto_finalize=True, auto_dismiss=True):
         self.job_id = job_id
         self.status = S.CREATED
-        self.user_paused = False      # pause verb accepted, resume not yet
-        self.error_paused = False     # paused by an error with policy `stop`
+        self.ending = None            # an End, once asked to end
+        self.paused_by = set()        # {"user", "error"}
         self.ever_ready = False       # QEMU's `ready` field: sticks once set
-        self.completing = False       # complete verb accepted
-        self.soft_cancelling = False  # cancel after ready without force
-        self.aborting_requested = False
-        self.force_cancelled = False  # ended by a cancel, not by an error
+        self.cancelled = False        # ABORT came from cancel, not an error
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.finalized = False        # finalize verb accepted (or automatic)
 
     # -- verbs (from management) -------------------------------------------
     def check(self, verb):
@@ -123,57 +143,65 @@ class JobState:
 
     def pause(self):
         self.check("pause")
-        if self.user_paused:
+        if "user" in self.paused_by:
             raise VerbError(self.job_id, self.status, "pause",
                             "Job is already paused")
-        self.user_paused = True
+        self.paused_by.add("user")
 
     def resume(self):
         self.check("resume")
-        if not (self.user_paused or self.error_paused):
+        if not self.paused_by:
             raise VerbError(self.job_id, self.status, "resume",
                             "Can't resume a job that was not paused")
-        self.user_paused = self.error_paused = False
+        self.paused_by.clear()
 
     def complete(self):
         self.check("complete")
-        if self.completing or self.soft_cancelling:
+        if self.ending is not None:
             raise VerbError(self.job_id, self.status, "complete",
                             f"Job '{self.job_id}' is already completing")
-        self.completing = True
+        self.ending = End.COMPLETE
 
     def cancel(self, force):
         """Cancel: soft after ready without force, otherwise abort."""
         self.check("cancel")
         if self.status in (S.READY, S.STANDBY) and not force \
-                and not self.completing:
-            self.soft_cancelling = True
+                and self.ending is None:
+            self.ending = End.SOFT_CANCEL
         else:
-            self.aborting_requested = True
-            self.force_cancelled = True
+            self.ending = End.ABORT
+            self.cancelled = True
+
+    def finalize(self):
+        self.check("finalize")
+        self.finalized = True
+
+    def dismiss(self):
+        self.check("dismiss")
+        self.to(S.NULL)
 
     def fail(self):
         """An error with policy `report`: the job aborts."""
-        self.aborting_requested = True
+        self.ending = End.ABORT
 
     def pause_on_error(self):
         """An error with policy `stop`: pause until resumed."""
-        self.error_paused = True
+        self.paused_by.add("error")
 
     # -- what the copier should do ----------------------------------------
     def next_action(self):
         """Abort beats everything; an error pause beats completing (the job
         must not retry a failing final copy in a loop); completing beats a
         user pause."""
-        if self.aborting_requested:
+        if self.ending is End.ABORT:
             return Action.ABORT
-        if self.error_paused:
+        if "error" in self.paused_by:
             return Action.PAUSE
-        if self.completing:
+        if self.ending is End.COMPLETE:
             return Action.COMPLETE
-        if self.soft_cancelling:
+        if self.ending is End.SOFT_CANCEL:
             return Action.SOFT_CANCEL
-        if self.user_paused:
+        if "user" in self.paused_by:
             return Action.PAUSE
         return Action.RUN
 
@@ -193,11 +221,15 @@ class JobState:
     @property
     def paused(self):
         """QEMU's `paused` field: a pause is requested or in effect."""
-        return self.user_paused or self.error_paused or \
-            self.status in (S.PAUSED, S.STANDBY)
+        return bool(self.paused_by) or self.status in (S.PAUSED, S.STANDBY)
+
+    @property
+    def error_paused(self):
+        return "error" in self.paused_by
 
     @property
     def finished(self):
+        """The job does nothing more (it may still wait to be dismissed)."""
         return self.status in (S.CONCLUDED, S.NULL)
 
     def paused_status(self):

@@ -3,6 +3,13 @@
 The plugin creates a Proxy in config_complete() (before nbdkit forks), calls
 preflight() there so that bad input stops nbdkit before anything is served,
 and start() in after_fork(), where threads may be started.
+
+Endpoints and their connections: preflight() opens the source and, when a
+target was given, the target, once each, and checks the job's
+preconditions on those very connections; the job then uses them for its
+whole life (a server that serves one client at a time, or exits when its
+client leaves, sees one client: us).  A connection made before nbdkit forks
+is inherited by the child, whose first request starts its I/O thread.
 """
 
 import threading
@@ -10,8 +17,11 @@ import threading
 from . import endpoints
 from .control import Control
 from .guest import GuestIO
-from .job import Job, JobError, check_preconditions
+from .job import Job, JobError
 from .qmp import QMPServer
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_IO_TIMEOUT = 30.0
 
 
 class Proxy:
@@ -24,47 +34,84 @@ class Proxy:
         self.qmp = None
         self.source = None
         self.guest = None
+        self._startup = None            # (job options, target endpoint)
+
+    def _open(self, spec, **kwargs):
+        return endpoints.open_endpoint(
+            spec, connect_timeout=getattr(self.options, "connect_timeout",
+                                          DEFAULT_CONNECT_TIMEOUT),
+            io_timeout=getattr(self.options, "io_timeout",
+                               DEFAULT_IO_TIMEOUT), **kwargs)
 
     def preflight(self):
-        """Open the source and check the start-up job's preconditions.
-        Raises EndpointError / JobError / OptionError with a one-line reason."""
+        """Open the source (and the start-up job's target) and check the
+        job's preconditions.  Raises EndpointError / OptionError with a
+        one-line reason; nothing is written anywhere."""
         self.options.check()
-        self.source = endpoints.open_endpoint(self.options.source)
+        self.source = self._open(self.options.source, want_depth=True)
         self.guest = GuestIO(self.source)
         job_opts = self.options.job_options()
         if job_opts is not None:
-            check_preconditions(self.source, job_opts)
+            self._startup = (job_opts, self._open_target(self.source,
+                                                         job_opts))
+
+    def _open_target(self, source, job_opts):
+        try:
+            target = self._open(job_opts.target)
+        except endpoints.EndpointError as e:
+            raise endpoints.EndpointError(f"target: {e}") from None
+        try:
+            endpoints.check_job(source, target, job_opts.sync)
+        except BaseException:
+            target.close()
+            raise
+        return target
 
     def start(self):
         """After nbdkit's fork: the control socket, then the start-up job."""
         self.qmp = QMPServer(self.options.control, Control(self).dispatch)
         self.qmp.start()
-        job_opts = self.options.job_options()
-        if job_opts is not None:
-            self._start_job(job_opts)
+        if self._startup is not None:
+            job_opts, target = self._startup
+            self._startup = None
+            self._start_job(job_opts, target)
 
     def emit(self, event, data):
         if self.qmp is not None:
             self.qmp.broadcast(event, data)
 
     def start_job(self, job_opts):
-        """drive-mirror: check, then start.  The job copies from whatever
-        the guest is served from now (the old target after a pivot)."""
+        """drive-mirror: connect, check, then start.  The job copies from
+        whatever the guest is served from now (the old target after a
+        pivot).  Runs in the calling QMP client's thread; connecting is
+        bounded by the connect timeout."""
         with self._lock:
             self._check_idle()
-        check_preconditions(self.guest.backend, job_opts)
-        self._start_job(job_opts)
+        try:
+            target = self._open_target(self.guest.backend, job_opts)
+        except endpoints.EndpointError as e:
+            raise JobError(str(e)) from None
+        self._start_job(job_opts, target)
 
     def _check_idle(self):
-        if self.job is not None and not self.job.state.finished:
-            raise JobError(f"Job '{self.job.id}' is still active on device "
-                           f"'{self.device}'")
+        job = self.job
+        if job is None or job.status == "null":
+            return
+        if job.state.finished:
+            raise JobError(f"Job '{job.id}' is concluded and waits for "
+                           f"job-dismiss")
+        raise JobError(f"Job '{job.id}' is still active on device "
+                       f"'{self.device}'")
 
-    def _start_job(self, job_opts):
+    def _start_job(self, job_opts, target):
         with self._lock:
-            self._check_idle()
-            self.job = Job(job_opts, self.device, self.guest,
-                           self.guest.backend, self.emit)
+            try:
+                self._check_idle()
+            except JobError:
+                target.close()
+                raise
+            self.job = Job(job_opts, self.guest, self.guest.backend, target,
+                           self.emit)
             self.job.start()
 
     def request_shutdown(self):
@@ -76,8 +123,12 @@ class Proxy:
         if job is not None and not job.state.finished:
             try:
                 job.cancel(force=True)
-            except Exception:
+            except Exception:       # noqa: BLE001 - ending anyway
                 pass
             job.wait(5)
         if self.qmp is not None:
             self.qmp.stop()
+        if self._startup is not None:
+            self._startup[1].close()
+        if self.guest is not None:
+            self.guest.backend.close()

@@ -88,33 +88,47 @@ def can_fua(g):
     return nbdkit.FUA_NATIVE if g.backend.can_fua else nbdkit.FUA_EMULATE
 
 
+def _errno(fn):
+    """The guest gets the errno of the OSError (ENOSPC stays ENOSPC),
+    not nbdkit's default EIO."""
+    def callback(*args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            nbdkit.set_error(e.errno or errno.EIO)
+            raise
+    callback.__name__ = fn.__name__
+    return callback
+
+
+@_errno
 def pread(g, buf, offset, flags):
     g.pread(buf, offset)
 
 
+@_errno
 def pwrite(g, buf, offset, flags):
     g.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
+@_errno
 def flush(g, flags):
     g.flush()
 
 
+@_errno
 def trim(g, count, offset, flags):
     g.trim(count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
+@_errno
 def zero(g, count, offset, flags):
-    try:
-        g.zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
-               fua=bool(flags & nbdkit.FLAG_FUA),
-               fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            nbdkit.set_error(errno.ENOTSUP)
-        raise
+    g.zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+           fua=bool(flags & nbdkit.FLAG_FUA),
+           fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
 
 
+@_errno
 def extents(g, count, offset, flags):
     return [(e.start, e.end - e.start, e.flags)
             for e in g.extents(offset, count)]

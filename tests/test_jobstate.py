@@ -10,12 +10,12 @@ import itertools
 import pytest
 
 from nbdmirror.jobstate import (
-    TRANSITIONS, VERBS, Action, JobState, JobStateError, Status,
+    TRANSITIONS, VERBS, Action, End, JobState, JobStateError, Status,
     TransitionError, VerbError)
 
 S = Status
 ALL = list(Status)
-LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY}
+LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.PENDING}
 
 # INTERFACE.md §4, written out independently of the module's table.
 EXPECTED_TRANSITIONS = {
@@ -25,13 +25,13 @@ EXPECTED_TRANSITIONS = {
     (S.RUNNING, S.ABORTING), (S.PAUSED, S.ABORTING),
     (S.READY, S.PENDING), (S.STANDBY, S.PENDING),
     (S.READY, S.ABORTING), (S.STANDBY, S.ABORTING),
-    (S.PENDING, S.CONCLUDED), (S.ABORTING, S.CONCLUDED),
+    (S.PENDING, S.CONCLUDED), (S.PENDING, S.ABORTING),
+    (S.ABORTING, S.CONCLUDED),
     (S.CONCLUDED, S.NULL),
 }
 
-# QEMU's job.c verb table, restricted to the states nbdmirror has.  Unlike
-# QEMU, `pending` refuses cancel: the job passes through it at once (no
-# manual finalize), and there is no pending -> aborting transition.
+# QEMU's job.c verb table, restricted to the states nbdmirror has (no
+# `waiting`).  `pending` lasts only with auto-finalize false.
 EXPECTED_VERBS = {
     "cancel": LIVE,
     "pause": LIVE,
@@ -162,9 +162,9 @@ def test_finished_only_when_concluded_or_null(status):
 def test_paused_field_follows_status_and_requests(status):
     js = job_in(status)
     assert js.paused == (status in (S.PAUSED, S.STANDBY))
-    js.user_paused = True
+    js.paused_by = {"user"}
     assert js.paused
-    js.user_paused, js.error_paused = False, True
+    js.paused_by = {"error"}
     assert js.paused
 
 
@@ -190,10 +190,10 @@ def test_paused_and_resumed_status():
 def test_pause_then_resume(status):
     js = job_in(status)
     js.pause()
-    assert js.user_paused and js.paused
+    assert ("user" in js.paused_by) and js.paused
     assert js.next_action() is Action.PAUSE
     js.resume()
-    assert not js.user_paused
+    assert not ("user" in js.paused_by)
     assert js.next_action() is Action.RUN
 
 
@@ -202,7 +202,7 @@ def test_pause_twice_is_refused_with_qemus_message():
     js.pause()
     with pytest.raises(VerbError, match="^Job is already paused$"):
         js.pause()
-    assert js.user_paused
+    assert ("user" in js.paused_by)
 
 
 @pytest.mark.parametrize("status", [S.RUNNING, S.READY])
@@ -218,7 +218,7 @@ def test_pause_and_resume_refused_once_the_job_ends(status):
     for verb in (js.pause, js.resume):
         with pytest.raises(VerbError, match="cannot accept command verb"):
             verb()
-    assert not js.user_paused
+    assert not ("user" in js.paused_by)
 
 
 def test_resume_clears_an_error_pause():
@@ -236,7 +236,7 @@ def test_resume_clears_both_pauses():
     js.pause()
     js.pause_on_error()
     js.resume()
-    assert not (js.user_paused or js.error_paused)
+    assert not (("user" in js.paused_by) or js.error_paused)
 
 
 def test_paused_job_walks_running_paused_running():
@@ -255,7 +255,7 @@ def test_paused_job_walks_running_paused_running():
 def test_complete_in_ready_or_standby(status):
     js = job_in(status)
     js.complete()
-    assert js.completing
+    assert (js.ending is End.COMPLETE)
     assert js.next_action() is Action.COMPLETE
     js.to(S.PENDING)
     js.to(S.CONCLUDED)
@@ -270,7 +270,7 @@ def test_complete_refused_before_ready_and_after_the_end(status):
         js.complete()
     assert str(e.value) == (f"Job 'mx' in state '{status}' "
                             "cannot accept command verb 'complete'")
-    assert not js.completing
+    assert not (js.ending is End.COMPLETE)
 
 
 def test_complete_twice_is_refused():
@@ -285,13 +285,13 @@ def test_complete_after_soft_cancel_is_refused():
     js.cancel(force=False)
     with pytest.raises(VerbError, match="already completing"):
         js.complete()
-    assert not js.completing
+    assert not (js.ending is End.COMPLETE)
     assert js.next_action() is Action.SOFT_CANCEL
 
 
 def test_complete_overrides_a_user_pause():
     js = job_in(S.STANDBY)
-    js.user_paused = True
+    js.paused_by.add("user")
     js.complete()
     assert js.next_action() is Action.COMPLETE
 
@@ -302,7 +302,7 @@ def test_error_pause_holds_a_completion_until_resumed():
     js.pause_on_error()
     assert js.next_action() is Action.PAUSE
     js.resume()
-    assert js.completing
+    assert (js.ending is End.COMPLETE)
     assert js.next_action() is Action.COMPLETE
 
 
@@ -313,8 +313,8 @@ def test_error_pause_holds_a_completion_until_resumed():
 def test_cancel_before_ready_aborts(status, force):
     js = job_in(status)
     js.cancel(force=force)
-    assert js.aborting_requested and js.force_cancelled
-    assert not js.soft_cancelling
+    assert (js.ending is End.ABORT) and js.cancelled
+    assert not (js.ending is End.SOFT_CANCEL)
     assert js.next_action() is Action.ABORT
     walk(js, S.ABORTING, S.CONCLUDED, S.NULL)
 
@@ -323,8 +323,8 @@ def test_cancel_before_ready_aborts(status, force):
 def test_cancel_after_ready_without_force_is_soft(status):
     js = job_in(status)
     js.cancel(force=False)
-    assert js.soft_cancelling
-    assert not (js.aborting_requested or js.force_cancelled)
+    assert (js.ending is End.SOFT_CANCEL)
+    assert not ((js.ending is End.ABORT) or js.cancelled)
     assert js.next_action() is Action.SOFT_CANCEL
     walk(js, S.PENDING, S.CONCLUDED, S.NULL)
 
@@ -333,8 +333,8 @@ def test_cancel_after_ready_without_force_is_soft(status):
 def test_force_cancel_after_ready_aborts(status):
     js = job_in(status)
     js.cancel(force=True)
-    assert js.aborting_requested and js.force_cancelled
-    assert not js.soft_cancelling
+    assert (js.ending is End.ABORT) and js.cancelled
+    assert not (js.ending is End.SOFT_CANCEL)
     assert js.next_action() is Action.ABORT
     walk(js, S.ABORTING, S.CONCLUDED, S.NULL)
 
@@ -344,7 +344,7 @@ def test_soft_cancel_while_completing_aborts():
     js = job_in(S.READY)
     js.complete()
     js.cancel(force=False)
-    assert js.aborting_requested and not js.soft_cancelling
+    assert (js.ending is End.ABORT) and not (js.ending is End.SOFT_CANCEL)
     assert js.next_action() is Action.ABORT
 
 
@@ -355,11 +355,31 @@ def test_soft_cancel_then_force_cancel_aborts():
     assert js.next_action() is Action.ABORT
 
 
-def test_cancel_is_refused_in_pending():
+@pytest.mark.parametrize("force", [False, True])
+def test_cancel_in_pending_aborts(force):
+    """As QEMU: a job waiting for job-finalize can still be cancelled."""
     js = job_in(S.PENDING)
-    with pytest.raises(VerbError):
-        js.cancel(force=False)
-    assert js.next_action() is Action.RUN
+    js.cancel(force=force)
+    assert js.next_action() is Action.ABORT and js.cancelled
+    walk(js, S.ABORTING, S.CONCLUDED, S.NULL)
+
+
+def test_finalize_only_in_pending_then_dismiss_only_when_concluded():
+    js = JobState("m", auto_finalize=False, auto_dismiss=False)
+    walk(js, S.RUNNING, S.READY)
+    with pytest.raises(VerbError, match="cannot accept command verb "
+                                        "'finalize'"):
+        js.finalize()
+    js.complete()
+    js.to(S.PENDING)
+    js.finalize()
+    assert js.finalized
+    with pytest.raises(VerbError, match="verb 'dismiss'"):
+        js.dismiss()
+    js.to(S.CONCLUDED)
+    assert js.finished
+    js.dismiss()
+    assert js.status is S.NULL
 
 
 @pytest.mark.parametrize("status", [S.ABORTING, S.CONCLUDED, S.NULL])
@@ -370,13 +390,13 @@ def test_cancel_refused_once_aborting_or_ended(status, force):
         js.cancel(force=force)
     assert str(e.value) == (f"Job 'm' in state '{status}' "
                             "cannot accept command verb 'cancel'")
-    assert not (js.aborting_requested or js.soft_cancelling)
+    assert not ((js.ending is End.ABORT) or (js.ending is End.SOFT_CANCEL))
 
 
 def test_fail_aborts_without_being_a_cancel():
     js = job_in(S.RUNNING)
     js.fail()
-    assert js.aborting_requested and not js.force_cancelled
+    assert (js.ending is End.ABORT) and not js.cancelled
     assert js.next_action() is Action.ABORT
 
 
@@ -388,24 +408,25 @@ def test_next_action_priorities():
     An error pause beats completing so that a failing final copy is not
     retried in a loop; completing beats a user pause.  Every combination.
     """
-    for abort, complete, soft, user, err in itertools.product(
-            (False, True), repeat=5):
+    for ending, user, err in itertools.product(
+            (None, *End), (False, True), (False, True)):
         js = JobState("m")
-        js.aborting_requested, js.completing = abort, complete
-        js.soft_cancelling, js.user_paused, js.error_paused = soft, user, err
-        if abort:
+        js.ending = ending
+        js.paused_by = {who for who, on in (("user", user), ("error", err))
+                        if on}
+        if ending is End.ABORT:
             want = Action.ABORT
         elif err:
             want = Action.PAUSE
-        elif complete:
+        elif ending is End.COMPLETE:
             want = Action.COMPLETE
-        elif soft:
+        elif ending is End.SOFT_CANCEL:
             want = Action.SOFT_CANCEL
         elif user:
             want = Action.PAUSE
         else:
             want = Action.RUN
-        assert js.next_action() is want, (abort, complete, soft, user, err)
+        assert js.next_action() is want, (ending, user, err)
 
 
 def test_action_values():

@@ -202,7 +202,7 @@ def test_query_block_jobs_reports_every_field_with_its_type(rig):
     types = {"type": str, "device": str, "len": int, "offset": int,
              "busy": bool, "paused": bool, "speed": int, "io-status": str,
              "ready": bool, "status": str, "auto-finalize": bool,
-             "auto-dismiss": bool}
+             "auto-dismiss": bool, "actively-synced": bool}
     assert set(types) <= set(job), job
     for field, typ in types.items():
         assert type(job[field]) is typ, (field, job)
@@ -493,7 +493,7 @@ JOB_VERBS = ["job-complete", "job-cancel", "job-pause", "job-resume"]
 def assert_no_job_commands_fail(r):
     for verb, extra in BLOCK_JOB_VERBS:
         assert_error(r.execute(verb, device=JOB, **extra), "DeviceNotActive",
-                     f"No active block job on device '{JOB}'")
+                     f"Block job '{JOB}' not found")
     for verb in JOB_VERBS:
         desc = assert_error(r.execute(verb, id=JOB), "GenericError")
         assert JOB in desc and "not found" in desc
