@@ -14,7 +14,10 @@ import asyncio
 import codecs
 import json
 import os
+import errno
+import secrets
 import socket
+import stat
 import threading
 import time
 
@@ -38,6 +41,11 @@ class QMPError(Exception):
         self.cls, self.desc = cls, desc
 
 
+class SocketPathError(OSError):
+    """The control socket cannot be created at its path; the message is
+    one line that names the path."""
+
+
 def timestamp():
     t = time.time()
     return {"seconds": int(t), "microseconds": int((t % 1) * 1e6)}
@@ -47,23 +55,107 @@ def encode(msg):
     return json.dumps(msg).encode() + b"\r\n"
 
 
-def bind_unix(path, mode=0o600):
-    """A listening unix socket at `path`, created with `mode` from the
-    start: bound under a temporary name, chmod-ed, then renamed."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    for p in (tmp,):
-        if os.path.exists(p):
-            os.unlink(p)
+def bind_unix(path, mode=0o600, backlog=16):
+    """A listening unix socket at `path`, and its file's (st_dev, st_ino).
+
+    Never replaces anything: a stale socket at `path` (one that nobody
+    accepts on) is removed; anything else there -- a file, a directory, a
+    live socket of a running proxy -- is refused with SocketPathError.
+    The socket is bound under a temporary name in the same directory,
+    chmod-ed to `mode` and listening before link() puts it at `path`;
+    link() fails if anything appeared there meanwhile, so `path` is never
+    clobbered and the socket there always has its final mode.
+    """
+    path = os.fspath(path)
+    _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(tmp)
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-        sock.listen(16)
+        tmp, ident = _bind_temporary(sock, path, mode)
+        try:
+            sock.listen(backlog)
+            os.link(tmp, path)
+        except FileExistsError:
+            raise SocketPathError(f"{path}: a file appeared there while the "
+                                  f"control socket was being created; not "
+                                  f"replacing it") from None
+        except OSError as e:
+            raise SocketPathError(f"{path}: cannot create the control socket: "
+                                  f"{e.strerror or e}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, ident
+
+
+def _bind_temporary(sock, path, mode):
+    directory = os.path.dirname(path)
+    for _ in range(3):
+        tmp = os.path.join(directory, ".qmp-" + secrets.token_hex(4))
+        try:
+            sock.bind(tmp)           # fails if tmp exists: replaces nothing
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            raise SocketPathError(f"{path}: cannot create the control socket: "
+                                  f"{e.strerror or e}") from None
+        try:
+            os.chmod(tmp, mode)
+            st = os.lstat(tmp)
+        except OSError as e:
+            os.unlink(tmp)
+            raise SocketPathError(f"{path}: cannot create the control socket: "
+                                  f"{e.strerror or e}") from None
+        return tmp, (st.st_dev, st.st_ino)
+    raise SocketPathError(f"{path}: cannot create the control socket: no "
+                          f"free temporary name in its directory")
+
+
+def _remove_stale(path):
+    """Unlink `path` if it is a socket nobody accepts on; refuse anything
+    else that exists there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise SocketPathError(f"{path}: {e.strerror or e}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{path}: exists and is not a socket; not "
+                              f"replacing it")
+    if _accepts(path):
+        raise SocketPathError(f"{path}: in use by a running server")
+    # Unlink only the socket just probed (not one that replaced it since;
+    # a window of one lstat remains, as in any check-then-unlink).
+    try:
+        again = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+        raise SocketPathError(f"{path}: changed while it was checked; not "
+                              f"replacing it")
+    os.unlink(path)
+
+
+def _accepts(path):
+    """False only if connecting to `path` is refused (a stale socket); a
+    busy or unreachable server counts as running."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+    return True
+
 
 
 class _Client:
@@ -78,9 +170,10 @@ class _Client:
 
 class QMPServer:
     def __init__(self, path, dispatch):
-        self.path = path
+        self.path = os.fspath(path)
         self.dispatch = dispatch
         self._clients = set()
+        self._ident = None          # (st_dev, st_ino) of the socket we made
         self._loop = None
         self._server = None
         self._thread = None
@@ -88,7 +181,9 @@ class QMPServer:
 
     # -- life cycle (any thread) --------------------------------------------
     def start(self):
-        sock = bind_unix(self.path)
+        """Create the socket (SocketPathError if its path is taken), then
+        serve in a thread of its own."""
+        sock, self._ident = bind_unix(self.path)
         self._thread = threading.Thread(target=self._run, args=(sock,),
                                         daemon=True, name="nbdmirror-qmp")
         self._thread.start()
@@ -102,10 +197,20 @@ class QMPServer:
             except RuntimeError:
                 pass
             self._thread.join(5)
+        self._unlink_own_socket()
+
+    def _unlink_own_socket(self):
+        """Unlink the path only if it is still the socket we created: another
+        proxy may have put its own there since."""
+        if self._ident is None:
+            return
         try:
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
         except OSError:
             pass
+        self._ident = None
 
     def broadcast(self, event, data):
         msg = {"event": event, "data": data, "timestamp": timestamp()}
