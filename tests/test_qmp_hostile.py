@@ -14,20 +14,146 @@ Four layers, each tested where it lives:
 """
 
 import hashlib
+import json
 import os
 import random
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
 from helpers import make_image, nbdkit_server, start_proxy
-from nbdmirror.qmp import QMPError, QMPServer, SocketPathError, bind_unix
+from nbdmirror.qmp import (ERROR, FATAL, MAX_CLIENTS, MAX_DEPTH, MAX_MESSAGE,
+                           MAX_OUTPUT, MESSAGE, QMPError, QMPServer,
+                           SocketPathError, Splitter, bind_unix)
 from test_qmp_raw import Raw, name
 
 KiB, MiB = 1 << 10, 1 << 20
 JOB = "mirror0"
+
+
+def poll(fn, timeout=10, interval=0.02):
+    """Call fn() until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"condition not met in {timeout} s"
+        time.sleep(interval)
+
+
+def split_all(chunks, **limits):
+    splitter = Splitter(**limits)
+    out = []
+    for chunk in chunks:
+        out += splitter.feed(chunk)
+    return out
+
+
+# -- framing ---------------------------------------------------------------------
+
+STREAM = (b'{"execute": "a", "id": "x\\"}{["}\r\n'
+          b'{"execute":"b","arguments":{"l":[1,{"m":[]}]}}'
+          b'  "top" 42 null\n}\n{"execute": oops}\n'
+          b'{"id": "\xe2\x82\xac\\\\"} ')
+MESSAGES = [b'{"execute": "a", "id": "x\\"}{["}',
+            b'{"execute":"b","arguments":{"l":[1,{"m":[]}]}}',
+            b'"top"', b"42", b"null", b"}", b'{"execute": oops}',
+            b'{"id": "\xe2\x82\xac\\\\"}']
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(STREAM)])
+def test_splitter_cuts_the_same_messages_however_the_bytes_are_split(size):
+    chunks = [STREAM[i:i + size] for i in range(0, len(STREAM), size)]
+    assert split_all(chunks) == [(MESSAGE, m) for m in MESSAGES]
+
+
+def random_text(rng):
+    """Text full of what framing must not be fooled by."""
+    return "".join(rng.choice('ab"\\{}[] \n\u20ac/')
+                   for _ in range(rng.randrange(12)))
+
+
+def random_value(rng, depth=0):
+    kind = rng.randrange(6 if depth < 6 else 3)
+    if kind == 0:
+        return rng.choice([None, True, False, rng.randint(-10**20, 10**20)])
+    if kind in (1, 2):
+        return random_text(rng)
+    if kind in (3, 4):
+        return {random_text(rng): random_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+    return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_splitter_agrees_with_json_on_random_messages_cut_anywhere(seed):
+    rng = random.Random(seed)
+    messages = [json.dumps(random_value(rng), ensure_ascii=rng.random() < .5)
+                .encode() for _ in range(30)]
+    # Objects and arrays need no separator; scalars end at whitespace.
+    stream = b"".join(m + rng.choice([b"", b" ", b"\r\n", b"\t\n"])
+                      if m[:1] in b"{[" else m + b"\n" for m in messages)
+    cuts = sorted(rng.sample(range(1, len(stream)), 25))
+    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+    out = split_all(chunks)
+    assert out == [(MESSAGE, m) for m in messages]
+    assert [json.loads(m) for _, m in out] == [json.loads(m)
+                                               for m in messages]
+
+
+def test_splitter_waits_for_the_end_of_a_top_level_scalar():
+    splitter = Splitter()
+    assert splitter.feed(b"12") == []
+    assert splitter.feed(b"34\n") == [(MESSAGE, b"1234")]
+
+
+def test_splitter_takes_linear_time_on_a_long_message():
+    """A message just under the limit, fed in small pieces: a rescan from
+    the start on each piece would cost 512 times more."""
+    body = b'{"execute": "x", "arguments": {"s": "' + b"A\\\"[{" * \
+        ((MAX_MESSAGE - 100) // 5) + b'", "l": [' + b"[1]," * 10 + b"0]}}"
+    pieces = [body[i:i + 2 * KiB] for i in range(0, len(body), 2 * KiB)]
+    start = time.process_time()
+    out = split_all(pieces)
+    spent = time.process_time() - start
+    assert out == [(MESSAGE, body)]
+    assert spent < 2.0, f"{spent:.2f} s of CPU for 1 MiB in 2 KiB pieces"
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 100_000])
+def test_splitter_refuses_deep_nesting_and_goes_on_after_it(depth):
+    deep = b"[" * depth + b'"]]]"' + b"]" * depth
+    chunks = [deep[i:i + 4 * KiB] for i in range(0, len(deep), 4 * KiB)]
+    out = split_all(chunks + [b'{"execute": "next"}'])
+    assert out == [(ERROR, "JSON nesting depth limit exceeded"),
+                   (MESSAGE, b'{"execute": "next"}')]
+
+
+def test_splitter_passes_nesting_up_to_max_depth():
+    ok = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
+    assert split_all([ok]) == [(MESSAGE, ok)]
+    assert json.loads(ok) is not None      # json.loads copes with it
+
+
+@pytest.mark.parametrize("opening,filler", [
+    (b'{"s": "', b"A"), (b"[" * 100, b"["), (b"[1,", b"1,"), (b"7", b"7")],
+    ids=["string", "nesting", "array", "number"])
+def test_splitter_stops_at_max_message_without_buffering_more(opening,
+                                                             filler):
+    splitter = Splitter()
+    piece = filler * (64 * KiB // len(filler))
+    out = splitter.feed(opening)
+    fed = len(opening)
+    while not splitter.dead:
+        out += splitter.feed(piece)
+        fed += len(piece)
+        assert fed <= MAX_MESSAGE + 2 * len(piece), "not cut off"
+    assert out[-1][0] == FATAL and "size limit" in out[-1][1]
+    assert splitter.feed(b'{"execute": "x"}') == []   # takes no more input
 
 
 # -- a QMP server with a trivial dispatch ------------------------------------------
@@ -63,9 +189,177 @@ def server(workdir):
     srv.stop()
 
 
+@pytest.fixture
+def connect(server):
+    clients = []
+
+    def make():
+        c = Raw(server.path)
+        clients.append(c)
+        return c
+    yield make
+    for c in clients:
+        c.close()
+
+
+def test_a_blocked_command_does_not_delay_other_clients(server, connect):
+    """Issue 8: more slow commands than the old executor's threads (8 on
+    2 cores) while another client asks: it gets its answer at once."""
+    blocked = [connect().negotiate() for _ in range(10)]
+    for i, c in enumerate(blocked):
+        c.send_msg({"execute": "block", "arguments": {"n": i}})
+    poll(lambda: server.disp.calls.count("block") == len(blocked))
+    other = connect().negotiate()
+    start = time.monotonic()
+    assert other.execute("echo", {"k": 1}, id="o") == \
+        {"return": {"k": 1}, "id": "o"}
+    assert time.monotonic() - start < 1.0
+    server.disp.gate.set()
+    for i, c in enumerate(blocked):
+        assert c.reply() == {"return": {"blocked": i}}
+
+
+def test_commands_of_one_client_are_answered_in_order(server, connect):
+    c = connect().negotiate()
+    c.send_msg({"execute": "block", "arguments": {"n": 1}, "id": 1})
+    c.send_msg({"execute": "echo", "arguments": {"n": 2}, "id": 2})
+    assert c.nothing_within(0.3)     # a measurement window: echo waits
+    server.disp.gate.set()
+    assert c.reply() == {"return": {"blocked": 1}, "id": 1}
+    assert c.reply() == {"return": {"n": 2}, "id": 2}
+
+
+def test_clients_beyond_the_cap_are_refused_and_a_freed_place_is_reused(
+        server, connect):
+    clients = [connect() for _ in range(MAX_CLIENTS)]
+    assert all("QMP" in c.greeting for c in clients)
+    refused = connect()
+    assert refused.greeting["error"]["class"] == "GenericError"
+    assert "Too many QMP clients" in refused.greeting["error"]["desc"]
+    with pytest.raises((AssertionError, ConnectionError)):
+        refused.recv()          # and the connection is closed
+    clients[0].close()
+
+    def admitted():
+        c = connect()
+        return "QMP" in c.greeting and c
+    poll(admitted).negotiate()
+    assert_session_alive_echo(clients[1].negotiate())
+
+
 def assert_session_alive_echo(client):
     assert client.execute("echo", {"alive": True}, id="a") == \
         {"return": {"alive": True}, "id": "a"}
+
+
+def test_a_client_that_never_reads_is_dropped_with_bounded_output(server,
+                                                                  connect):
+    reader, idle = connect().negotiate(), connect().negotiate()
+    received = []
+
+    def read_all():
+        while len(received) < total:
+            received.append(reader.recv(timeout=30))
+    total, batch = 40_000, 1000
+    thread = threading.Thread(target=read_all, daemon=True)
+    thread.start()
+    data = {"device": JOB, "padding": "x" * 100}
+    peak = 0
+    for i in range(0, total, batch):
+        for j in range(i, i + batch):
+            server.broadcast("TEST_EVENT", dict(data, n=j))
+        clients, unsent = server.output_stats()
+        peak = max(peak, unsent)
+        # The reader keeps up (within one batch); the idle one never reads.
+        poll(lambda: len(received) >= i or not thread.is_alive(), timeout=30)
+    thread.join(60)
+    assert not thread.is_alive()
+    # The idle client was dropped; its output never passed the bound (a
+    # reading client adds at most one kernel buffer's worth at a time).
+    assert server.output_stats()[0] == 1       # the reader
+    assert peak <= MAX_OUTPUT + 512 * KiB, peak
+    assert [e["data"]["n"] for e in received] == list(range(total))
+    with pytest.raises((AssertionError, ConnectionError)):
+        while True:                   # what the kernel held, then the end
+            idle.recv(timeout=5)
+    assert_session_alive_echo(reader)
+
+
+def test_a_client_that_sends_commands_and_never_reads_is_held_back(server,
+                                                                   connect):
+    """Its replies fill its buffers, then the server stops reading from it;
+    nothing grows, and others are served."""
+    flood = connect().negotiate()
+    flood.sock.setblocking(False)
+    line = b'{"execute": "echo", "arguments": {"p": "' + b"y" * 400 + b'"}}\n'
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sent += flood.sock.send(line * 64)
+        except BlockingIOError:
+            # Full: wait for the server to stop taking more (no sleep as
+            # a guess; a blocked send for 0.5 s says it stopped).
+            flood.sock.settimeout(0.5)
+            try:
+                sent += flood.sock.send(line * 64)
+                flood.sock.setblocking(False)
+                continue
+            except socket.timeout:
+                break
+    else:
+        pytest.fail("the server kept reading from a client that never reads")
+    assert sent < 64 * MiB
+    assert server.output_stats()[1] <= MAX_OUTPUT
+    assert_session_alive_echo(connect().negotiate())
+
+
+def test_a_message_over_1mib_gets_an_error_and_the_connection_closes(server,
+                                                                     connect):
+    c = connect().negotiate()
+    sent, reason = stream_long_line(c.sock, 100 * MiB)
+    assert sent < MAX_MESSAGE + 8 * MiB, f"not cut off: {sent} bytes taken"
+    reply = c.reply()
+    assert reply["error"]["class"] == "GenericError"
+    assert "size limit" in reply["error"]["desc"]
+    with pytest.raises((AssertionError, ConnectionError)):
+        c.recv()
+    assert_session_alive_echo(connect().negotiate())
+
+
+def stream_long_line(sock, total):
+    """Send the start of a command and then `total` bytes of one string,
+    until the server stops taking them; (bytes sent, why it stopped)."""
+    sock.settimeout(10)
+    sent = len(b'{"execute": "echo", "arguments": {"s": "')
+    sock.sendall(b'{"execute": "echo", "arguments": {"s": "')
+    piece = b"A" * (64 * KiB)
+    try:
+        while sent < total:
+            sent += sock.send(piece)
+    except (BrokenPipeError, ConnectionResetError) as e:
+        return sent, e
+    return sent, None
+
+
+def test_deep_nesting_gets_an_error_and_the_session_goes_on(server, connect):
+    c = connect().negotiate()
+    c.send(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    reply = c.reply()
+    assert reply == {"error": {"class": "GenericError",
+                               "desc": "JSON nesting depth limit exceeded"}}
+    assert_session_alive_echo(c)
+
+
+@pytest.mark.parametrize("text", ["NaN", '{"execute": "echo", "id": 1e400}',
+                                  "[Infinity]"])
+def test_non_finite_numbers_are_refused_as_parse_errors(server, connect,
+                                                         text):
+    c = connect().negotiate()
+    c.send(text + "\n")
+    reply = c.reply()
+    assert reply["error"]["desc"].startswith("JSON parse error"), reply
+    assert_session_alive_echo(c)
 
 
 # -- the control socket ------------------------------------------------------------
