@@ -17,7 +17,11 @@ or other clients.  The limits, each enforced in one place:
     a client that does not read is dropped, as QEMU's monitor does;
   * each client's commands run in order in a worker thread of that client
     alone (_Client.run), so a slow command delays nobody else;
-  * at most MAX_CLIENTS clients at once (_serve): more are refused.
+  * at most MAX_CLIENTS clients at once (_serve): more are refused;
+  * all clients' input together takes at most INPUT_SHARE of one CPU
+    (_Budget): clients take turns in arrival order, so one that sends
+    costly input delays another by at most one turn, and guests -- which
+    share this process and its GIL -- keep running.
 
 Any thread may call broadcast(); every negotiated client receives every
 event, in the order broadcast() was called.
@@ -50,6 +54,13 @@ MAX_DEPTH = 64
 MAX_OUTPUT = 2 * MAX_MESSAGE
 MAX_CLIENTS = 32         # simultaneous clients, each with one worker thread
 READ_CHUNK = 1 << 16     # bytes read at a time
+# CPU for client input -- framing, parsing, checking, the commands themselves
+# -- all clients together: at most this share of one CPU, beyond a burst.
+# The guests' I/O runs in this process under the same GIL; a busy control
+# thread would hold them up, whatever the client sends and however often it
+# reconnects.  A QMP client uses a tiny fraction of this.
+INPUT_SHARE = 0.1
+INPUT_BURST = 0.05       # CPU seconds a quiet server spends without waiting
 CLOSE_GRACE = 5.0        # seconds a closed client has to take its output
 
 
@@ -379,13 +390,53 @@ def _accepts(path):
     return True
 
 
+# -- the CPU budget for input ---------------------------------------------------
+
+class _Budget:
+    """Turns at the CPU for client input, first come first served, paced.
+
+    Everything the loop thread spends -- accepting, reading, framing,
+    parsing, answering, all but delivering events -- and the CPU time of
+    the commands in the workers is charged: `cpu` seconds spent put the
+    budget cpu / share seconds in debt, and the next turn waits until the
+    debt is paid.  So client input costs at most `share` of one CPU
+    (beyond a `burst` of credit and one turn's work), and as turns are
+    granted in arrival order, one client's costly input delays another's
+    by one turn.  Loop thread only.
+    """
+
+    def __init__(self, share=INPUT_SHARE, burst=INPUT_BURST):
+        self.share, self.burst = share, burst
+        self.exempt = 0.0              # loop CPU not to charge (events)
+        self._paid_at = 0.0            # time.monotonic() when debts are paid
+        self._counted = time.thread_time()   # loop CPU charged up to here
+        self._queue = asyncio.Lock()   # FIFO: waiters take turns in order
+
+    async def turn(self):
+        """Wait for a turn, after paying for what the loop spent since the
+        last one."""
+        async with self._queue:
+            now = time.thread_time()
+            self.charge(now - self._counted - self.exempt)
+            self._counted, self.exempt = now, 0.0
+            delay = self._paid_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    def charge(self, cpu):
+        credit_from = time.monotonic() - self.burst / self.share
+        self._paid_at = max(self._paid_at, credit_from) + \
+            max(cpu, 0.0) / self.share
+
+
 # -- clients ---------------------------------------------------------------------
 
 class _Client:
     """One connection: its writer, its negotiation state and its worker."""
 
-    def __init__(self, writer):
+    def __init__(self, writer, budget):
         self.writer = writer
+        self.budget = budget
         self.negotiated = False
         self.dropped = False
         self._worker = None
@@ -423,8 +474,20 @@ class _Client:
         if self._worker is None:
             self._worker = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="nbdmirror-qmp-client")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._worker, fn, *args)
+        spent = []
+
+        def timed():
+            start = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                spent.append(time.thread_time() - start)
+        await self.budget.turn()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._worker, timed)
+        finally:
+            self.budget.charge(sum(spent))
 
     def release(self):
         if self._worker is not None:
@@ -440,6 +503,7 @@ class QMPServer:
         self._loop = None
         self._main = None
         self._thread = None
+        self._budget = None
         self._ready = threading.Event()
 
     # -- life cycle (any thread) --------------------------------------------
@@ -501,6 +565,7 @@ class QMPServer:
     def _run(self, sock):
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
+        self._budget = _Budget()
         try:
             self._main = self._loop.create_task(self._accept(sock))
             self._ready.set()
@@ -511,13 +576,15 @@ class QMPServer:
             self._loop.close()
 
     async def _accept(self, sock):
-        """Accept clients; at the end, cancel every session and wait for
-        them."""
+        """Accept clients, one per turn of the budget (a client that
+        connects and disconnects in a loop is input too); at the end,
+        cancel every session and wait for them."""
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         sessions = set()
         try:
             while True:
+                await self._budget.turn()
                 try:
                     conn, _ = await loop.sock_accept(sock)
                 except OSError:          # EMFILE and the like: back off
@@ -548,13 +615,17 @@ class QMPServer:
         self._main.cancel()
 
     def _send_event(self, msg):
+        started = time.thread_time()
         data = encode(msg)
         for c in list(self._clients):
             if c.negotiated:
                 c.send(data)
+        # Events come from the job, not from clients: not charged to input.
+        self._budget.exempt += time.thread_time() - started
 
     async def _serve(self, reader, writer):
         loop = asyncio.get_running_loop()
+        budget = self._budget
         if len(self._clients) >= MAX_CLIENTS:
             # Invariant: at most MAX_CLIENTS sessions (and worker threads).
             # A client whose command still runs keeps its place.
@@ -563,7 +634,7 @@ class QMPServer:
                                        f"{MAX_CLIENTS}); try again later")))
             writer.close()
             return
-        client = _Client(writer)
+        client = _Client(writer, budget)
         self._clients.add(client)
         client.send(encode({"QMP": {"version": VERSION, "capabilities": []}}))
         splitter = Splitter()
@@ -572,6 +643,7 @@ class QMPServer:
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
+                await budget.turn()
                 for kind, value in splitter.feed(data):
                     if kind == MESSAGE:
                         await self._answer(client, value)
@@ -589,6 +661,7 @@ class QMPServer:
 
     async def _answer(self, client, raw):
         """Parse, check and execute one message; send its reply."""
+        await client.budget.turn()
         reply, call = self._prepare(client, raw)
         action = None
         if call is not None:

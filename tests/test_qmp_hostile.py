@@ -6,7 +6,8 @@ Four layers, each tested where it lives:
   * the QMP server (qmp.QMPServer) with a trivial dispatch, on a real
     socket: a slow command of one client delays no other, a client that
     never reads is dropped with its output bounded, the number of clients
-    is capped, over-long and over-deep input is refused;
+    is capped, over-long and over-deep input is refused, and an attacker
+    in a loop gets only a small share of the control thread's CPU;
   * the control socket (qmp.bind_unix): nothing at the path is ever
     replaced but a stale socket, and stop() unlinks only its own socket;
   * a real proxy: an integer beyond int64 is refused and the job goes on,
@@ -19,14 +20,15 @@ import os
 import random
 import socket
 import stat
+import sys
 import threading
 import time
 
 import pytest
 
 from helpers import make_image, nbdkit_server, start_proxy
-from nbdmirror.qmp import (ERROR, FATAL, MAX_CLIENTS, MAX_DEPTH, MAX_MESSAGE,
-                           MAX_OUTPUT, MESSAGE, QMPError, QMPServer,
+from nbdmirror.qmp import (ERROR, FATAL, INPUT_SHARE, MAX_CLIENTS, MAX_DEPTH,
+                           MAX_MESSAGE, MAX_OUTPUT, MESSAGE, QMPError, QMPServer,
                            SocketPathError, Splitter, bind_unix)
 from test_qmp_raw import Raw, name
 
@@ -351,6 +353,39 @@ def test_deep_nesting_gets_an_error_and_the_session_goes_on(server, connect):
     assert_session_alive_echo(c)
 
 
+def thread_cpu(thread):
+    """CPU seconds a thread of this process has used (from /proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_hostile_input_costs_at_most_a_small_share_of_a_cpu(server, connect,
+                                                           procs):
+    """An attacker in a loop (100 MB lines, deep nestings, reconnecting)
+    gets the control thread's CPU only up to INPUT_SHARE, and another
+    client is still answered at once."""
+    attacker = procs.start([sys.executable, "-c", ATTACKER, server.path,
+                            "30"], name="attacker")
+    try:
+        poll(lambda: "line " in procs.output(attacker), timeout=30)
+        before, start = thread_cpu(server._thread), time.monotonic()
+        other = connect().negotiate()
+        latencies = []
+        while time.monotonic() - start < 3.0:
+            asked = time.monotonic()
+            assert_session_alive_echo(other)
+            latencies.append(time.monotonic() - asked)
+            other.nothing_within(0.05)      # pace the questions
+        share = (thread_cpu(server._thread) - before) / \
+            (time.monotonic() - start)
+        assert attacker.poll() is None
+    finally:
+        procs.stop(attacker)
+    assert share < 3 * INPUT_SHARE, f"control thread busy {share:.0%}"
+    assert max(latencies) < 1.0, max(latencies)
+
+
 @pytest.mark.parametrize("text", ["NaN", '{"execute": "echo", "id": 1e400}',
                                   "[Infinity]"])
 def test_non_finite_numbers_are_refused_as_parse_errors(server, connect,
@@ -537,3 +572,135 @@ def test_a_speed_beyond_int64_is_refused_and_the_job_goes_on(proxy,
         c.events.append(c.recv(timeout=30))
     jobs = c.execute("query-block-jobs")["return"]
     assert [(j["status"], j["ready"]) for j in jobs] == [("ready", True)]
+
+
+ATTACKER = r"""
+import socket, sys, time
+path, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+
+def session():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    f = s.makefile("rb")
+    f.readline()                                 # the greeting
+    return s, f
+
+piece = b"A" * 65536
+n = 0
+while time.monotonic() < deadline:
+    # A 100 MB line, streamed, until the server cuts it off.
+    s, f = session()
+    sent = 0
+    try:
+        s.sendall(b'{"execute": "qmp_capabilities", "id": "')
+        while sent < 100 << 20:
+            sent += s.send(piece)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        reply = f.readline().strip().decode()
+    except ConnectionResetError:
+        reply = "reset"
+    s.close()
+    print("line", sent, reply, flush=True)
+    # [ nested 100 000 deep, then a command on the same session.
+    s, f = session()
+    s.sendall(b"[" * 100000 + b"]" * 100000 + b'{"execute": "x"}')
+    print("deep", f.readline().strip().decode(), f.readline().strip().decode(),
+          flush=True)
+    s.close()
+    n += 1
+print("done", n, flush=True)
+"""
+
+
+def guest_read_rate(uri, seconds):
+    """4 KiB reads per second at random offsets, one at a time."""
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    rng = random.Random(5)
+    count = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        h.pread(4 * KiB, rng.randrange(size // (4 * KiB)) * 4 * KiB)
+        count += 1
+    h.shutdown()
+    return count / seconds
+
+
+class LatencyProbe(threading.Thread):
+    """Another QMP client asking query-status all the time; .latencies."""
+
+    def __init__(self, control):
+        super().__init__(daemon=True)
+        self.client = Raw(control).negotiate()
+        self.latencies = []
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            start = time.monotonic()
+            reply = self.client.execute("query-status")
+            assert reply["return"]["running"] is True
+            self.latencies.append(time.monotonic() - start)
+            self.stopping.wait(0.02)
+
+    def finish(self):
+        self.stopping.set()
+        self.join(10)
+        self.client.close()
+        assert not self.is_alive()
+        return self.latencies
+
+
+def test_hostile_input_leaves_guest_reads_and_other_clients_alone(proxy,
+                                                                  procs):
+    """A client streams 100 MB lines and 100 000-deep nestings, again and
+    again: the guest keeps at least half its read rate, another QMP client
+    gets every answer within a second.
+
+    The machine is shared: a round measures the normal rate, then the rate
+    under attack; a second round runs only if the first falls short, so a
+    neighbour's burst does not fail the test but a real slowdown (a factor
+    of 20 before the framing was bounded) fails both."""
+    rounds = []
+    for _ in range(2):
+        rounds.append(attack_round(proxy, procs))
+        normal, attacked, latencies = rounds[-1]
+        assert max(latencies) < 1.0, \
+            f"slowest answer {max(latencies):.2f} s; rounds {rounds}"
+        if attacked >= normal / 2:
+            return
+    pytest.fail(f"guest reads under attack fell below half the normal "
+                f"rate: (normal/s, attacked/s, latencies) {rounds}")
+
+
+def attack_round(proxy, procs, window=2.0):
+    """(normal reads/s, reads/s under attack, latencies of the other
+    client's answers); checks that the attacker was cut off every time."""
+    probe = LatencyProbe(proxy.control)
+    probe.start()
+    normal = guest_read_rate(proxy.uri, window)
+    attacker = procs.start([sys.executable, "-c", ATTACKER, proxy.control,
+                            "60"], name="attacker")
+    poll(lambda: "deep" in procs.output(attacker) or attacker.poll()
+         is not None, timeout=30)
+    assert attacker.poll() is None, procs.output(attacker)
+    attacked = guest_read_rate(proxy.uri, window)
+    latencies = probe.finish()
+    procs.stop(attacker, forget=True)
+    log = open(attacker.log).read()
+    lines = [ln.split(" ", 2) for ln in log.splitlines()
+             if ln.startswith("line ")]
+    deep = [ln for ln in log.splitlines() if ln.startswith("deep ")]
+    assert lines and deep, log
+    for _, sent, reply in lines:
+        # What the kernel and the reader buffer take beyond the limit.
+        assert int(sent) < MAX_MESSAGE + 1 * MiB, f"not cut off: {sent}"
+        assert reply == "reset" or "size limit" in reply, reply
+    for ln in deep:
+        assert "nesting depth limit" in ln and "CommandNotFound" in ln, ln
+    return round(normal), round(attacked), latencies
