@@ -35,6 +35,10 @@ def _check_args(args, params):
             continue
         value = args[key]
         ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        # Integers are QEMU's int64: QEMU parses a number outside it as a
+        # double, which an integer parameter refuses with the same words.
+        if ok and typ is int and not -(1 << 63) <= value < (1 << 63):
+            ok = False
         if not ok:
             raise QMPError("GenericError", f"Invalid parameter type for "
                                            f"'{key}', expected: {_TYPES[typ]}")
