@@ -19,8 +19,10 @@ from .job import JobError
 from .options import JOB_KEYS, OptionError, ProxyOptions
 from .sizes import format_size, parse_size
 
-PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "plugin", "nbdmirror.py")
+# The plugin nbdkit runs: a file of this package, so it is there in every
+# kind of install (a checkout, an editable or a plain `pip install`).
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "nbdkit_plugin.py")
 START_TIMEOUT = 30.0
 # nbdkit's default of 16 threads per connection makes Python's GIL the
 # bottleneck of guest reads: 4 read 1 GiB 1.3-1.5x faster (README).
