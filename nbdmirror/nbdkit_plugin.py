@@ -38,34 +38,59 @@ def _load_package(folder):
 
 _load_package(os.path.dirname(os.path.abspath(__file__)))
 
-from nbdmirror.options import ProxyOptions  # noqa: E402
+from nbdmirror.endpoints import EndpointError  # noqa: E402
+from nbdmirror.job import JobError  # noqa: E402
+from nbdmirror.options import OptionError, ProxyOptions  # noqa: E402
+from nbdmirror.paths import PidFile  # noqa: E402
 from nbdmirror.proxy import Proxy  # noqa: E402
 
 _options = ProxyOptions()
 _proxy = None
+_pidfile = None
 
 
 def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+def _say(e):
+    """The one line about a refusal that `nbdmirror serve` picks out of
+    nbdkit's output (nbdkit adds the traceback after it)."""
+    print("nbdmirror: " + " ".join(str(e).split()), file=sys.stderr,
+          flush=True)
+
+
 def config(key, value):
-    _options.set(key, value)
+    try:
+        _options.set(key, value)
+    except OptionError as e:
+        _say(e)
+        raise
 
 
 def config_complete():
     global _proxy
-    _proxy = Proxy(_options, shutdown=nbdkit.shutdown)
-    _proxy.preflight()
+    try:
+        _proxy = Proxy(_options, shutdown=nbdkit.shutdown)
+        _proxy.preflight()
+    except (OptionError, EndpointError, JobError) as e:
+        _say(e)
+        raise
 
 
 def after_fork():
+    global _pidfile
+    if _options.pidfile:
+        _pidfile = PidFile(_options.pidfile)
+        _pidfile.create()
     _proxy.start()
 
 
 def cleanup():
     if _proxy is not None:
         _proxy.close()
+    if _pidfile is not None:
+        _pidfile.remove()
 
 
 def open(readonly):
