@@ -150,6 +150,31 @@ def test_every_row_is_a_serve_flag(row, tmp_path, src):
     assert given is True if row.kind.flag else given == good(row, tmp_path)
 
 
+@pytest.mark.parametrize("row", ALL, ids=str)
+def test_every_serve_flag_reaches_nbdkit_or_the_plugin(row, tmp_path, src,
+                                                       monkeypatch):
+    """serve, up to the nbdkit command it would run: an nbdkit row becomes
+    nbdkit's flag, any other the plugin key, with the parsed value."""
+    ran = []
+    monkeypatch.setattr(cli, "_run_foreground",
+                        lambda cmd, serving: ran.append(cmd) or 0)
+    value = good(row, tmp_path)
+    rc = cli.main(serve_args(src, tmp_path, "--foreground", "--target", TGT,
+                             *([row.flag] if row.kind.flag
+                               else [row.flag, value])))
+    if row.name == "bitmap":        # refused until persistent bitmaps land
+        assert rc == 2
+        return
+    assert rc == 0 and len(ran) == 1
+    cmd, parsed = ran[0], row.parse(value if not row.kind.flag else True)
+    assert cmd[0] == "nbdkit" and cli.PLUGIN in cmd
+    if row.scope == NBDKIT:
+        i = cmd.index(row.nbdkit)
+        assert cmd[i + 1] == row.format(parsed)
+    else:
+        assert f"{row.key}={row.format(parsed)}" in cmd
+
+
 @pytest.mark.parametrize("row", KEYED, ids=str)
 def test_every_proxy_and_job_row_is_a_plugin_key(row, tmp_path, src):
     p = ProxyOptions()
@@ -178,6 +203,38 @@ def test_every_job_row_is_a_start_flag(row, tmp_path):
         ["start", "--control", "c", "--target", TGT,
          *([row.flag] if row.kind.flag else [row.flag, good(row, tmp_path)])])
     assert getattr(args, row.field) is not None
+
+
+class FakeClient:
+    """Stands in for cli.Client: records the QMP commands `start` sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def cmd(self, name, **args):
+        self.sent.append((name, args))
+        return {}
+
+
+@pytest.mark.parametrize("row", JOBS, ids=str)
+def test_every_start_flag_reaches_drive_mirror_parsed(row, tmp_path,
+                                                      monkeypatch):
+    client = FakeClient()
+    monkeypatch.setattr(cli, "_client", lambda args: client)
+    value = good(row, tmp_path)
+    assert cli.main(["start", "--control", "c", "--target", TGT,
+                     *([row.flag] if row.kind.flag
+                       else [row.flag, value])]) == 0
+    ((name, args),) = client.sent
+    assert name == "drive-mirror" and args["device"] == "disk0"
+    assert args[row.name] == row.parse(True if row.kind.flag else value)
+    assert drive_mirror(**{k: v for k, v in args.items() if k != "device"})
 
 
 class FakeProxy:
