@@ -242,8 +242,8 @@ class Option:
         self.required = required    # serve and the plugin need it
         # A default is written as the user would write it ("64K") and
         # shown so in --help; the attribute holds its parsed value.
-        self.default_text = None if default is None else \
-            kind.show(default) if isinstance(default, bool) else str(default)
+        self.default_text = default if default is None or \
+            isinstance(default, str) else kind.show(default)
         self.default = None if default is None else self.parse(default)
 
     def parse(self, value):
