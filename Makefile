@@ -55,5 +55,5 @@ bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) *.egg-info build
+	rm -rf $(VENV) *.egg-info build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -8,23 +8,27 @@ import argparse
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
 
-from . import endpoints
+from . import endpoints, paths
 from .job import JobError
-from .options import JOB_KEYS, OptionError, ProxyOptions
-from .sizes import format_size, parse_size
+from .options import (JOB, NBDKIT, OPTIONS, PROXY, OptionError, ProxyOptions,
+                      make_job_options, qmp_arguments, rows)
+from .sizes import format_size
 
-PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "plugin", "nbdmirror.py")
+# The plugin nbdkit runs: a file of this package, so it is there in every
+# kind of install (a checkout, an editable or a plain `pip install`).
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "nbdkit_plugin.py")
 START_TIMEOUT = 30.0
-# nbdkit's default of 16 threads per connection makes Python's GIL the
-# bottleneck of guest reads: 4 read 1 GiB 1.3-1.5x faster (README).
-DEFAULT_THREADS = 4
+# What the plugin prints before a refusal (nbdkit_plugin._say).
+PLUGIN_SAYS = "nbdmirror: "
 
 
 class Failure(Exception):
@@ -37,54 +41,62 @@ class Usage(Exception):
 
 # -- argument parsing ----------------------------------------------------------
 
-def _job_args(p, with_target=True):
-    if with_target:
-        p.add_argument("--target", metavar="URI", help="NBD URI of the mirror target")
-    p.add_argument("--sync", choices=("full", "top", "none"))
-    p.add_argument("--job-id", metavar="ID")
-    p.add_argument("--granularity", metavar="SIZE")
-    p.add_argument("--buf-size", metavar="SIZE")
-    p.add_argument("--speed", metavar="RATE")
-    p.add_argument("--copy-mode", choices=("background", "write-blocking"))
-    p.add_argument("--on-source-error", choices=("report", "ignore", "stop", "enospc"))
-    p.add_argument("--on-target-error", choices=("report", "ignore", "stop", "enospc"))
-    p.add_argument("--target-is-zero", action="store_true", default=None)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (and exit status 2)."""
+
+    def error(self, message):
+        raise Usage(message)
+
+
+def _add_options(p, option_rows, required=()):
+    """One argument per option row; values stay strings (None when not
+    given) until the row parses them."""
+    for row in option_rows:
+        help = row.help + ("" if row.default is None
+                           else f" (default: {row.default_text})")
+        if row.kind.flag:
+            # A flag that is on by default is turned off with --no-NAME.
+            action = argparse.BooleanOptionalAction if row.default \
+                else "store_true"
+            p.add_argument(row.flag, dest=row.field, action=action,
+                           default=None, help=help)
+        else:
+            p.add_argument(row.flag, dest=row.field, metavar=row.kind.metavar,
+                           required=row.name in required, help=help)
+
+
+class _Help(argparse.HelpFormatter):
+    """Help text wrapped at spaces only: `job-dismiss` stays whole."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width,
+                             break_on_hyphens=False)
 
 
 def _parser():
-    ap = argparse.ArgumentParser(
-        prog="nbdmirror", description="Live disk-mirroring NBD proxy.")
+    ap = _Parser(prog="nbdmirror", description="Live disk-mirroring NBD proxy.",
+                 formatter_class=_Help)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="serve a disk and (optionally) mirror it")
-    p.add_argument("--source", required=True, metavar="SRC",
-                   help="raw image path or NBD URI")
-    p.add_argument("--control", required=True, metavar="PATH",
-                   help="QMP control socket")
-    p.add_argument("--device", default="disk0")
-    p.add_argument("--bitmap", metavar="PATH")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH", help="guest unix socket")
-    where.add_argument("--port", type=int, help="guest TCP port")
-    p.add_argument("--bind", metavar="ADDR", help="guest TCP address")
-    p.add_argument("--pidfile", metavar="PATH")
-    p.add_argument("--foreground", action="store_true")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
-                   help="nbdkit worker threads per guest connection "
-                        f"(default {DEFAULT_THREADS})")
-    _job_args(p)
+    p = sub.add_parser("serve", help="serve a disk and (optionally) mirror it",
+                       formatter_class=_Help)
+    _add_options(p, rows(PROXY, NBDKIT, JOB),
+                 required=[r.name for r in rows(PROXY) if r.required])
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground, logging to stderr "
+                        "(default: start a daemon and return once it serves)")
 
     def client(name, help):
-        c = sub.add_parser(name, help=help)
-        c.add_argument("--control", required=True, metavar="PATH")
+        c = sub.add_parser(name, help=help, formatter_class=_Help)
+        c.add_argument("--control", required=True, metavar="PATH",
+                       help=OPTIONS["control"].help)
         return c
 
     client("status", "job state and progress").add_argument("--json", action="store_true")
     client("watch", "live progress until ready or the end")
     client("events", "print events as JSON lines until the job ends")
     c = client("start", "start a mirror job (drive-mirror)")
-    c.add_argument("--device", default="disk0")
-    _job_args(c)
+    _add_options(c, [OPTIONS["device"]] + rows(JOB), required=["target"])
     c.add_argument("--wait-ready", action="store_true",
                    help="wait until the job is ready")
     client("complete", "pivot the guest to the target").add_argument(
@@ -94,135 +106,204 @@ def _parser():
     c.add_argument("--wait", action="store_true")
     client("pause", "pause the background copy")
     client("resume", "resume the background copy")
-    client("set-speed", "limit the background copy").add_argument("rate")
+    client("set-speed", "limit the background copy").add_argument(
+        "rate", help=OPTIONS["speed"].help)
 
-    p = sub.add_parser("verify", help="compare two images")
+    p = sub.add_parser("verify", help="compare two images",
+                       formatter_class=_Help)
     p.add_argument("a", metavar="A", help="file path or NBD URI")
     p.add_argument("b", metavar="B", help="file path or NBD URI")
     return ap
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         return COMMANDS[args.command](args) or 0
-    except Usage as e:
+    except (Usage, OptionError) as e:
         print(f"nbdmirror: {e}", file=sys.stderr)
         return 2
     except (Failure, JobError, endpoints.EndpointError, OSError) as e:
         print(f"nbdmirror: error: {e}", file=sys.stderr)
         return 1
-    except OptionError as e:
-        print(f"nbdmirror: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
 
 
+def _given(args, option_rows):
+    """{row: the string (or True) given on the command line}."""
+    return {r: getattr(args, r.field) for r in option_rows
+            if getattr(args, r.field) is not None}
+
+
 # -- serve -------------------------------------------------------------------------
-
-def _job_keys(args):
-    """{plugin key: value} for the job options given on the command line."""
-    out = {}
-    for key in JOB_KEYS:
-        value = getattr(args, key.replace("-", "_"), None)
-        if value is not None:
-            out[key] = "true" if value is True else str(value)
-    return out
-
+#
+# serve parses and checks the options and the paths, and starts nbdkit with
+# the plugin; it opens neither the source nor the target (qemu-nbd serves
+# one client by default: a probe of ours would end it).  The plugin's
+# config_complete() checks the endpoints and the job, and prints a refusal
+# as one line (PLUGIN_SAYS ...) that serve reports.
 
 def serve(args):
-    if args.threads < 1:
-        raise Usage("--threads: must be at least 1")
     opts = ProxyOptions()
-    keys = {"source": args.source, "control": args.control,
-            "device": args.device, **_job_keys(args)}
-    if args.bitmap:
-        keys["bitmap"] = args.bitmap
-    for key, value in keys.items():
-        opts.set(key, value)
-    from .proxy import Proxy
-    proxy = Proxy(opts)
-    proxy.preflight()           # same checks the plugin makes, with clean errors
-    proxy.close()
+    server = {}                         # nbdkit rows: name -> parsed value
+    for row, value in _given(args, rows(PROXY, NBDKIT, JOB)).items():
+        if row.scope == NBDKIT:
+            server[row.name] = row.parse(value)
+        else:
+            opts.set(row.key, value)
+    if "socket" in server and "port" in server:
+        raise Usage("socket, port: give one of them, not both")
+    opts.check(guest_socket=server.get("socket"))
+    for path in (server.get("socket"), opts.control):
+        if path:
+            paths.remove_stale_socket(path)
 
-    cmd = ["nbdkit", "-t", str(args.threads)]
-    if args.socket:
-        cmd += ["-U", os.path.abspath(args.socket)]
-    if args.port is not None:
-        cmd += ["-p", str(args.port)]
-    if args.bind:
-        cmd += ["-i", args.bind]
+    cmd = ["nbdkit"]
+    for row in rows(NBDKIT):
+        value = server.get(row.name, row.default)
+        if value is not None:
+            cmd += [row.nbdkit, row.format(value)]
+    serving = _Serving(server.get("socket"), opts.control)
+    if args.foreground:
+        cmd += ["-f", "--exit-with-parent", "python", PLUGIN,
+                *opts.plugin_args()]
+        return _run_foreground(cmd, serving)
     tmpdir = None
-    pidfile = args.pidfile and os.path.abspath(args.pidfile)
-    if args.foreground:
-        cmd += ["-f"] + (["-P", pidfile] if pidfile else [])
-    else:
-        if not pidfile:
-            tmpdir = tempfile.mkdtemp(prefix="nbdmirror-")
-            pidfile = os.path.join(tmpdir, "pid")
-        cmd += ["-P", pidfile]
-    # Pass the parsed values so nbdkit sees absolute paths (it chdirs to /).
-    plugin_keys = {"source": opts.source, "control": opts.control,
-                   "device": opts.device, **_job_keys(args)}
-    cmd += ["python", PLUGIN] + [f"{k}={v}" for k, v in plugin_keys.items()]
-    for path in (args.control, args.socket):
-        _remove_stale_socket(path)
-    if args.foreground:
-        os.execvp(cmd[0], cmd)
+    if not opts.pidfile:                # to know whether the daemon lives
+        tmpdir = tempfile.mkdtemp(prefix="nbdmirror-")
+        opts.pidfile = os.path.join(tmpdir, "pid")
+    stale = _pid_in(opts.pidfile)       # the plugin replaces a stale one
+    cmd += ["python", PLUGIN, *opts.plugin_args()]
     try:
-        _start_daemon(cmd, pidfile, [opts.control] +
-                      ([os.path.abspath(args.socket)] if args.socket else []))
+        _start_daemon(cmd, lambda: _alive(opts.pidfile, stale), serving)
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
     return 0
 
 
-def _start_daemon(cmd, pidfile, sockets):
+def _startup_error(lines, rc):
+    """The one line that says why nbdkit did not start: the plugin's own,
+    else nbdkit's last."""
+    said = [l[len(PLUGIN_SAYS):] for l in lines if l.startswith(PLUGIN_SAYS)]
+    if said:
+        return said[-1]
+    lines = [l.strip() for l in lines if l.strip()]
+    return lines[-1] if lines else f"nbdkit exited with status {rc}"
+
+
+class _Serving:
+    """Calling it tells whether the proxy serves: its control socket
+    accepts (it opens after nbdkit's fork, so after nbdkit bound its guest
+    socket) and the guest socket is there (not connected to: nbdkit would
+    log every such probe)."""
+
+    def __init__(self, guest_socket, control):
+        self.guest_socket, self.control = guest_socket, control
+
+    def __call__(self):
+        return paths.probe(self.control) is True and (
+            self.guest_socket is None or os.path.exists(self.guest_socket))
+
+    def __str__(self):
+        return ", ".join(p for p in (self.guest_socket, self.control) if p)
+
+
+def _start_daemon(cmd, alive, serving):
     with tempfile.TemporaryFile() as err:
         rc = subprocess.call(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         err.seek(0)
-        lines = [l.strip() for l in err.read().decode(errors="replace").splitlines()
-                 if l.strip()]
+        lines = err.read().decode(errors="replace").splitlines()
     if rc:
-        raise Failure(lines[-1] if lines else f"nbdkit exited with status {rc}")
+        raise Failure(_startup_error(lines, rc))
     deadline = time.monotonic() + START_TIMEOUT
-    for path in sockets:
-        while not _accepts(path):
-            if time.monotonic() > deadline:
-                raise Failure(f"{path}: not accepting connections after "
-                              f"{START_TIMEOUT:.0f} s")
-            if not _alive(pidfile):
-                raise Failure("nbdkit exited during start-up")
-            time.sleep(0.02)
+    while not serving():
+        if time.monotonic() > deadline:
+            raise Failure(f"{serving}: not accepting connections "
+                          f"after {START_TIMEOUT:.0f} s")
+        if not alive():
+            raise Failure("nbdkit exited during start-up")
+        time.sleep(0.02)
 
 
-def _remove_stale_socket(path):
-    """Unlink a socket file nobody listens on (left by a killed proxy);
-    a live one stays, and nbdkit reports it as in use."""
-    if path and os.path.exists(path) and not _accepts(path):
-        os.unlink(path)
-
-
-def _accepts(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _pid_in(pidfile):
     try:
-        s.connect(path)
+        with open(pidfile, "rb") as f:
+            return int(f.read(paths.PIDFILE_MAX + 1))
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pidfile, stale):
+    """Whether the daemon that writes `pidfile` may still be starting: its
+    pid is there and alive, or (still `stale` or no pid) not written yet."""
+    pid = _pid_in(pidfile)
+    if pid is None or pid == stale:
         return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _alive(pidfile):
     try:
-        pid = int(open(pidfile).read())
         os.kill(pid, 0)
         return True
-    except (OSError, ValueError):
-        return not os.path.exists(pidfile)   # not written yet
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class _Relay(threading.Thread):
+    """Copies nbdkit's stderr to ours, line by line; until release() it
+    keeps the lines instead (to report one line if nbdkit does not start)."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.lines = stream, []
+        self._held = True
+        self._lock = threading.Lock()
+
+    def run(self):
+        for raw in self.stream:
+            line = raw.decode(errors="replace")
+            with self._lock:
+                if self._held:
+                    self.lines.append(line.rstrip("\n"))
+                    continue
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def release(self):
+        with self._lock:
+            self._held = False
+            for line in self.lines:
+                print(line, file=sys.stderr)
+            sys.stderr.flush()
+
+
+def _run_foreground(cmd, serving):
+    """Run nbdkit in the foreground as our child: its log goes to our
+    stderr once it serves; if it stops before, one line says why.
+    Signals that end us are passed to it; its exit status is ours."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    relay = _Relay(proc.stderr)
+    relay.start()
+    ended_by = []
+
+    def forward(sig, frame):
+        ended_by.append(sig)
+        proc.send_signal(sig)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    deadline = time.monotonic() + START_TIMEOUT
+    while proc.poll() is None and not ended_by and \
+            time.monotonic() < deadline and not serving():
+        time.sleep(0.02)
+    serving = proc.poll() is None
+    if serving or ended_by:
+        relay.release()
+    rc = proc.wait()
+    relay.join()
+    if not serving and not ended_by:
+        raise Failure(_startup_error(relay.lines, rc))
+    return rc if rc >= 0 else 128 - rc
 
 
 # -- QMP clients ---------------------------------------------------------------
@@ -362,20 +443,11 @@ def events(args):
 
 
 def start(args):
-    if not args.target:
-        raise Usage("start: --target is required")
+    given = {r.name: v for r, v in _given(args, rows(JOB)).items()}
+    job = make_job_options(given)
+    device = OPTIONS["device"].parse(args.device or OPTIONS["device"].default)
     with _client(args) as c:
-        cmd = {"device": args.device, "target": args.target,
-               "sync": args.sync or "full", "job-id": "mirror0"}
-        for key, value in _job_keys(args).items():
-            if key in ("target", "sync"):
-                continue
-            if key in ("speed", "granularity", "buf-size"):
-                value = parse_size(value, key)
-            elif key == "target-is-zero":
-                value = True
-            cmd[key] = value
-        c.cmd("drive-mirror", **cmd)
+        c.cmd("drive-mirror", device=device, **qmp_arguments(job))
         if args.wait_ready:
             while c.job()["status"] != "ready":
                 try:
@@ -408,10 +480,7 @@ def resume(args):
 
 
 def set_speed(args):
-    try:
-        rate = parse_size(args.rate, "rate")
-    except ValueError as e:
-        raise Usage(str(e)) from None
+    rate = OPTIONS["speed"].parse(args.rate)
     with _client(args) as c:
         c.cmd("block-job-set-speed", device=c.job()["device"], speed=rate)
 

@@ -7,7 +7,8 @@ done once, here, with QEMU's wording; the functions only do their job.
 
 from .job import JobError
 from .jobstate import JobStateError
-from .options import OptionError, make_job_options
+from .options import (FIELDS, JOB, REQUIRED, OptionError, make_job_options,
+                      rows)
 from .qmp import AfterReply, QMPError
 
 _TYPES = {str: "string", int: "integer", bool: "boolean", dict: "object"}
@@ -146,23 +147,22 @@ def query_jobs(proxy):
     return [] if job is None else [job_info(job)]
 
 
-@command("drive-mirror", device=str, target=str, sync=str, _job_id=str,
-         _speed=int, _granularity=int, _buf_size=int, _copy_mode=str,
-         _on_source_error=str, _on_target_error=str, _target_is_zero=bool,
-         _format=str, _mode=str, _auto_finalize=bool, _auto_dismiss=bool)
-def drive_mirror(proxy, device, target, sync, format="raw", mode=None,
-                 auto_finalize=True, auto_dismiss=True, **job_args):
+# drive-mirror's parameters are the job rows of the option table, each
+# with its JSON type (target and sync required, as in QEMU), plus QEMU's
+# device, format and mode.
+@command("drive-mirror", device=str, _format=str, _mode=str,
+         **{("" if r.qmp == REQUIRED else "_") + r.field: r.kind.qmp
+            for r in rows(JOB) if r.qmp})
+def drive_mirror(proxy, device, format="raw", mode=None, **job_args):
     if device != proxy.device:
         raise QMPError("DeviceNotFound", f"Cannot find device='{device}' nor "
                                          f"node-name='{device}'")
     if format != "raw":
         raise QMPError("GenericError", f"format: only 'raw' targets are "
                                        f"supported, not {format!r}")
-    args = {k.replace("_", "-"): v for k, v in job_args.items()}
-    args.setdefault("job-id", device)
-    opts = make_job_options(dict(args, target=target, sync=sync))
-    opts.auto_finalize, opts.auto_dismiss = auto_finalize, auto_dismiss
-    proxy.start_job(opts)
+    args = {FIELDS[field].name: value for field, value in job_args.items()}
+    args.setdefault("job-id", device)       # QEMU's default job id
+    proxy.start_job(make_job_options(args))
     return {}
 
 

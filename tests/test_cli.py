@@ -1,4 +1,4 @@
-"""The `nbdmirror` command line client (INTERFACE.md §6), run as a process.
+"""The `nbdmirror` command line (INTERFACE.md §2, §6), run as a process.
 
 Each command against a live proxy, its effect checked through a separate
 QMP observer (connected first, so it sees every event) and on the bytes;
@@ -11,15 +11,18 @@ import json
 import os
 import pty
 import select
+import signal
 import struct
+import subprocess
 import sys
 import termios
 import time
 
 import pytest
 
-from helpers import (REPO, make_image, nbdkit_server, nbdmirror,
-                     nbdmirror_env, qemu_io, qemu_nbd, qmp_execute,
+from helpers import (REPO, make_image, nbd_read_all, nbd_unix_uri,
+                     nbdkit_server, nbdmirror, nbdmirror_env, qemu_io,
+                     qemu_nbd, qmp_connect, qmp_execute, random_bytes,
                      sha256_file, sha256_uri, start_proxy)
 
 K, M = 1 << 10, 1 << 20
@@ -475,3 +478,79 @@ def test_watch_exits_without_noise_on_stderr(rig):
     res = r.cli("watch")
     assert res.returncode == 0
     assert res.stderr == ""
+
+
+# -- serve -------------------------------------------------------------------------
+
+def test_serve_daemon_reports_a_refused_target_in_one_line(workdir):
+    src = make_image(workdir / "src.img", 1 * M, seed=1)
+    missing = nbd_unix_uri(workdir / "nowhere.sock")
+    res = nbdmirror("serve", "--source", src, "--socket", workdir / "g.sock",
+                    "--control", workdir / "c.sock", "--target", missing,
+                    timeout=30)
+    assert res.returncode == 1
+    line = one_line(res.stderr)
+    assert line.startswith("nbdmirror: error: target: ") and \
+        "nowhere.sock" in line, line
+    assert sorted(p.name for p in workdir.iterdir()) == ["src.img"]
+
+
+def _daemon_pid(pidfile):
+    """The pid in `pidfile` if it names a running nbdkit, else None."""
+    try:
+        pid = int(pidfile.read_text())
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().strip() == "nbdkit" else None
+    except (OSError, ValueError):
+        return None
+
+
+def test_serve_daemon_returns_serving_with_its_pid_file(workdir):
+    src = make_image(workdir / "src.img", 1 * M, seed=2)
+    pidfile = workdir / "proxy.pid"
+    try:
+        res = nbdmirror("serve", "--source", src, "--socket",
+                        workdir / "g.sock", "--control", workdir / "c.sock",
+                        "--pidfile", pidfile, timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == ""
+        pid = _daemon_pid(pidfile)
+        assert pid, "the pid file does not name the running nbdkit"
+        assert nbd_read_all(nbd_unix_uri(workdir / "g.sock")) == \
+            random_bytes(2, 1 * M)
+        client = qmp_connect(workdir / "c.sock")
+        try:
+            assert qmp_execute(client, "quit") == {"return": {}}
+        finally:
+            client.close()
+        poll(lambda: not os.path.exists(f"/proc/{pid}"))
+        assert not pidfile.exists()
+    finally:
+        pid = _daemon_pid(pidfile)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_foreground_passes_sigterm_to_nbdkit_and_exits_0(workdir,
+                                                                procs):
+    src = make_image(workdir / "src.img", 1 * M, seed=3)
+    proxy = start_proxy(procs, src, workdir / "g.sock", workdir / "c.sock")
+    child = subprocess.run(["pgrep", "-P", str(proxy.proc.pid), "nbdkit"],
+                           capture_output=True, text=True, timeout=10)
+    (nbdkit_pid,) = child.stdout.split()
+    assert procs.stop(proxy.proc) == 0
+    assert not os.path.exists(f"/proc/{nbdkit_pid}")    # ended and reaped
+
+
+def test_serve_does_not_open_a_single_client_nbd_source_itself(workdir,
+                                                                procs):
+    """qemu-nbd with its defaults serves one client, then exits: the proxy
+    must be that one client (serve opens nothing itself)."""
+    image = make_image(workdir / "src.img", 1 * M, seed=4)
+    sock = workdir / "src.sock"
+    procs.start(["qemu-nbd", "-f", "raw", "-k", sock, image],
+                name="qemu-nbd")
+    poll(lambda: os.path.exists(sock))      # no probe: it would be the one
+    proxy = start_proxy(procs, nbd_unix_uri(sock), workdir / "g.sock",
+                        workdir / "c.sock")
+    assert nbd_read_all(proxy.uri) == random_bytes(4, 1 * M)
