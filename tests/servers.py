@@ -440,9 +440,27 @@ class AioClient:
         return req
 
     def submit_all(self, reqs):
+        """Submit every request, and send them all (see send_queued)."""
         for r in reqs:
             self.submit(r)
+        self.send_queued()
         return reqs
+
+    def send_queued(self, timeout=5):
+        """Drive the connection until libnbd has written every submitted
+        request to the socket (it writes only as far as the socket takes
+        without blocking, and the rest while polled).  True if it did
+        within `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self.h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                self.h.poll(max(1, int(min(remaining, 0.05) * 1000)))
+            except nbd.Error:
+                return False
+        return True
 
     def _reap(self, req):
         try:
@@ -635,11 +653,10 @@ class RawQMP:
         self.sock.close()
 
     def _message(self, timeout):
+        """The next message within `timeout` s (0: only if already here)."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
+            remaining = max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.sock], [], [], remaining)
             if not ready:
                 return None
@@ -784,3 +801,34 @@ def read_file(path, offset=0, length=None):
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read() if length is None else f.read(length)
+
+
+# -- QMP timing --------------------------------------------------------------------
+
+def collect_events(log, seconds):
+    """Every event an EventLog's client receives in the next `seconds`
+    (a measurement window); they are also kept in log.events."""
+    start = len(log.events)
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            event = log.client.pull_event(wait=float(remaining))
+        except TimeoutError:
+            break
+        if event is not None:
+            log.events.append(event)
+    return log.events[start:]
+
+
+def execute_within(client, seconds, name, **args):
+    """qmp_execute, failing unless the reply came within `seconds`.
+    (The client's own timeout still bounds the wait.)"""
+    sent = time.monotonic()
+    try:
+        reply = qmp_execute(client, name, **args)
+    except TimeoutError:
+        raise AssertionError(f"no reply to {name} within the QMP client's "
+                             f"timeout") from None
+    took = time.monotonic() - sent
+    assert took <= seconds, f"{name} took {took:.1f} s (limit {seconds} s)"
+    return reply
