@@ -614,10 +614,12 @@ class GuestLoad:
         assert self.error is None, f"guest request failed: {self.error}"
 
     def stop(self, timeout=15):
-        """Stop issuing; return once the thread ended (fail if it did not)."""
+        """Stop issuing; once the thread ended (fail if it does not within
+        `timeout` s), close the connection."""
         self._stop.set()
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the guest load is stuck"
+        self.client.close()
 
     def finished(self, timeout):
         """True if the thread ended (e.g. its connection closed) within
