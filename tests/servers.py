@@ -280,6 +280,8 @@ TARGET_KINDS = {
         p, i, s, kind="qemu-nbd-defaults"),
     "qemu-nbd-persistent": lambda p, i, s: qemu_nbd_target(
         p, i, s, "-t", kind="qemu-nbd-persistent"),
+    "qemu-nbd-shared": lambda p, i, s: qemu_nbd_target(
+        p, i, s, "-t", "-e", "0", kind="qemu-nbd-shared"),
     "qemu-nbd-two-clients": lambda p, i, s: qemu_nbd_target(
         p, i, s, "-t", "-e", "2", kind="qemu-nbd-two-clients"),
     "nbdkit-limit-1": lambda p, i, s: nbdkit_target(
@@ -748,17 +750,26 @@ class QemuGuest:
         command reported completion and nothing failed (a `read -P` whose
         pattern does not match prints "Pattern verification failed").
 
-        aio_write/aio_read complete later: end with "aio_flush".
+        aio_write/aio_read return at once and complete later.
         Returns what qemu-io printed.
         """
+        return self.collect(self.submit(*commands), timeout)
+
+    def submit(self, *commands):
+        """Run the commands; return a ticket for collect(), which waits
+        for their results (aio_write: requests left in flight meanwhile)."""
         start = len(self._log())
-        expected = sum(1 for c in commands
-                       if c.split()[0] in ("read", "write", "aio_read",
-                                           "aio_write"))
         for c in commands:
             out = self.hmp(f'qemu-io {self.node} "{c}"')
             if out.strip():
                 raise AssertionError(f"qemu-io {c!r}: {out.strip()}")
+        return start, commands
+
+    def collect(self, ticket, timeout=30):
+        start, commands = ticket
+        expected = sum(1 for c in commands
+                       if c.split()[0] in ("read", "write", "aio_read",
+                                           "aio_write"))
 
         def printed():
             text = self._log()[start:]
