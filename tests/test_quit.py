@@ -6,11 +6,13 @@ write-blocking mode, copying while the target is stopped), `quit` is
 answered, and the proxy exits within 5 s with status 0, having removed
 the guest socket, the control socket and its pid file.  After ready, quit
 ends the job as a soft cancel: the target is left equal to the source.
+SIGTERM does the same as quit.
 """
 
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import time
 
@@ -77,7 +79,8 @@ class Rig:
         """quit is answered; the proxy exits within `seconds`, status 0,
         and leaves neither socket nor pid file behind."""
         proc = self.proxy.proc
-        assert int(read_file(self.pidfile)) == proc.pid
+        pid = int(read_file(self.pidfile))
+        os.kill(pid, 0)                 # the pid file names a live process
         sent = time.monotonic()
         reply = execute_within(self.client, seconds, "quit")
         assert reply == {"return": {}}, reply
@@ -128,3 +131,25 @@ def test_quit_when_ready_leaves_target_equal_to_source(
         "source file differs from what the guest wrote"
     diff = first_difference(nbd_read_all(r.target.uri), expected)
     assert diff is None, f"target after quit in ready: {diff}"
+
+
+def test_sigterm_with_busy_guest_when_ready_exits_within_5s_and_cleans_up(
+        workdir, procs, qmp):
+    """SIGTERM stops the proxy as quit does."""
+    r = Rig(workdir, procs, qmp, "ready")
+    r.start_job()
+    load = GuestLoad(r.proxy.uri, depth=8, kinds=("write", "read")).start()
+    load.wait_ops(16)
+    proc = r.proxy.proc
+    sent = time.monotonic()
+    procs.kill(proc, signal.SIGTERM)
+    try:
+        rc = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the proxy still runs 5 s after SIGTERM")
+    took = time.monotonic() - sent
+    load.stop()
+    assert rc == 0, f"exit status {rc} after SIGTERM ({took:.1f} s)"
+    left = [p for p in (r.proxy.socket, r.proxy.control, r.pidfile)
+            if os.path.exists(p)]
+    assert not left, f"left behind: {left}"
