@@ -38,8 +38,7 @@ import time
 
 import nbd
 
-from helpers import (HarnessError, nbd_unix_uri, qmp_connect, qmp_execute,
-                     wait_for_socket)
+from helpers import HarnessError, nbd_unix_uri, qmp_execute, wait_for_socket
 
 MiB = 1 << 20
 PLUGINS = pathlib.Path(__file__).parent / "plugins"
