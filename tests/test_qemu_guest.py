@@ -1,0 +1,84 @@
+"""A real QEMU as the guest, through copy, ready, pivot and after.
+
+qemu-system-x86_64 with no machine opens the proxy's socket as a
+`-blockdev driver=nbd` node (one NBD connection, negotiated before the job
+ends); I/O runs in QEMU through HMP `qemu-io` over QMP, with several
+aio_write requests in flight, also while the pivot happens.  The target file
+must end equal to a shadow of everything QEMU wrote.  Targets: qemu-nbd
+serving any number of clients, and qemu-nbd with its defaults (one client).
+"""
+
+import pytest
+
+from helpers import (EventLog, job_status, make_image, ok, qemu_img_compare,
+                     qmp_execute, random_bytes, start_proxy)
+from servers import (QemuGuest, read_file, start_target, wait_closed,
+                     write_file)
+
+pytestmark = pytest.mark.timeout(90)
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+JOB = "mirror0"
+
+
+class Writes:
+    """qemu-io write commands with a pattern byte; `shadow` follows them."""
+
+    def __init__(self, shadow):
+        self.shadow = shadow
+
+    def __call__(self, offset, length, pattern, verb="write"):
+        self.shadow[offset:offset + length] = bytes([pattern]) * length
+        return f"{verb} -P {pattern:#x} {offset} {length}"
+
+
+@pytest.mark.parametrize("kind", ["qemu-nbd-shared", "qemu-nbd-defaults"])
+def test_qemu_guest_writes_through_copy_ready_pivot_and_after(
+        workdir, procs, qmp, kind):
+    src = make_image(workdir / "src.img", SIZE, seed=41)
+    shadow = bytearray(random_bytes(41, SIZE))
+    tgt_img = make_image(workdir / "tgt.img", SIZE)
+    target = start_target(procs, kind, tgt_img, workdir / "tgt.sock")
+    proxy = start_proxy(procs, src, workdir / "g.sock", workdir / "qmp.sock",
+                        target=target.uri, speed="4M")
+    log = EventLog(qmp(proxy.control))
+    vm = QemuGuest(procs, qmp, proxy.socket, workdir / "vm.sock")
+    w = Writes(shadow)
+
+    # Copying: four aio writes in flight at once, then reads.
+    vm.io(w(5 * MiB + 3, 300000, 0x11, "aio_write"),
+          w(15 * MiB + 512, 65536, 0x12, "aio_write"),
+          w(0, 513, 0x13, "aio_write"),
+          w(9 * MiB, MiB, 0x14, "aio_write"), "aio_flush")
+    assert job_status(log.client) == "running", "the copy ended too soon"
+    vm.io(f"read -P 0x11 {5 * MiB + 3} 300000", f"read -P 0x14 {9 * MiB} {MiB}")
+    log.wait("BLOCK_JOB_READY", timeout=30)
+
+    # Ready: mirrored.
+    vm.io(w(40000, 4096, 0x21), w(12 * MiB - 1, 2, 0x22))
+
+    # Complete while QEMU has writes in flight.
+    ticket = vm.submit(*(w(i * MiB + 400000, 131072, 0x30 + i, "aio_write")
+                         for i in range(0, 16, 2)))
+    ok(qmp_execute(log.client, "block-job-complete", device=JOB))
+    vm.collect(ticket)
+    done = log.wait("BLOCK_JOB_COMPLETED", timeout=30)
+    assert "error" not in done["data"], done
+    log.wait_end()
+
+    # After the pivot, on the connection QEMU opened before it.
+    after = (7 * MiB + 5, 123457, 0x66)
+    vm.io(w(*after, "aio_write"), w(2 * MiB, 65536, 0x67, "aio_write"),
+          "aio_flush", f"read -P 0x66 {after[0]} {after[1]}",
+          f"read -P 0x12 {15 * MiB + 512} 65536")
+    assert read_file(src, after[0], after[1]) != bytes([0x66]) * after[1], \
+        "a write after the pivot reached the source"
+
+    assert vm.quit() == 0
+    procs.stop(proxy.proc)
+    wait_closed(target.sock)
+    procs.stop(target.proc)
+    expected = write_file(workdir / "shadow.img", bytes(shadow))
+    assert qemu_img_compare(tgt_img, expected) == 0, \
+        "target file differs from what QEMU wrote"
