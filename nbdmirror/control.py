@@ -77,7 +77,7 @@ class Control:
     def job(proxy, job_id):
         job = _listed(proxy)
         if job is None or job.id != job_id:
-            raise QMPError("GenericError", f"Job '{job_id}' not found")
+            raise QMPError("GenericError", "Job not found")
         return job
 
 

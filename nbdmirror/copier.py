@@ -164,7 +164,7 @@ class Copier:
     @property
     def throttled(self):
         """Waiting for the speed limit, with nothing in flight."""
-        return not self._ops and self._throttle() > 0
+        return not self._requests and self._throttle() > 0
 
     def converged(self):
         return not self._ops and not self.bitmap.dirty_chunks

@@ -40,6 +40,7 @@ _load_package(os.path.dirname(os.path.abspath(__file__)))
 
 from nbdmirror.endpoints import EndpointError  # noqa: E402
 from nbdmirror.job import JobError  # noqa: E402
+from nbdmirror.lifecycle import GuestSocket, Signals  # noqa: E402
 from nbdmirror.options import OptionError, ProxyOptions  # noqa: E402
 from nbdmirror.paths import PidFile  # noqa: E402
 from nbdmirror.proxy import Proxy  # noqa: E402
@@ -47,6 +48,7 @@ from nbdmirror.proxy import Proxy  # noqa: E402
 _options = ProxyOptions()
 _proxy = None
 _pidfile = None
+_guest_socket = GuestSocket()
 
 
 def thread_model():
@@ -80,15 +82,18 @@ def config_complete():
 
 def after_fork():
     global _pidfile
+    _guest_socket.note()        # before the proxy makes its own
     if _options.pidfile:
         _pidfile = PidFile(_options.pidfile)
         _pidfile.create()
+    Signals(lambda sig: _proxy.request_shutdown()).install()
     _proxy.start()
 
 
 def cleanup():
     if _proxy is not None:
         _proxy.close()
+    _guest_socket.remove()
     if _pidfile is not None:
         _pidfile.remove()
 

@@ -17,11 +17,15 @@ import threading
 from . import endpoints
 from .control import Control
 from .guest import GuestIO
+from . import lifecycle
 from .job import Job, JobError
+from .jobstate import JobStateError, Status
 from .qmp import QMPServer
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
+SOFT_STOP = 2.5         # seconds a soft cancel may take at quit
+ABORT_STOP = 2.5        # seconds a force cancel may take (job.py: ~2)
 
 
 class Proxy:
@@ -35,6 +39,7 @@ class Proxy:
         self.source = None
         self.guest = None
         self._startup = None            # (job options, target endpoint)
+        self._quitting = False
 
     def _open(self, spec, **kwargs):
         return endpoints.open_endpoint(
@@ -115,17 +120,39 @@ class Proxy:
             self.job.start()
 
     def request_shutdown(self):
-        """QMP quit: nbdkit exits, which calls close() via cleanup."""
-        self._shutdown()
+        """QMP quit or a signal (any thread): end the job, then the guests'
+        connections and nbdkit, whose cleanup calls close().  Bounded:
+        stop_job() takes at most SOFT_STOP + ABORT_STOP seconds."""
+        with self._lock:
+            if self._quitting:
+                return
+            self._quitting = True
+        self.stop_job()
+        self._shutdown()                # nbdkit: accept no new guest
+        spare = () if self.qmp is None else (self.qmp.address,)
+        lifecycle.disconnect_guests(spare)
+
+    def stop_job(self):
+        """Before ready, as a force cancel; after, as a soft cancel that
+        leaves the target consistent, forced if it takes too long."""
+        job = self.job
+        if job is None or job.state.finished:
+            return
+        soft = job.status in (Status.READY, Status.STANDBY)
+        try:
+            job.cancel(force=not soft)
+        except JobStateError:
+            pass                        # ending already
+        if job.wait(SOFT_STOP if soft else ABORT_STOP):
+            return
+        try:
+            job.cancel(force=True)
+        except JobStateError:
+            pass
+        job.wait(ABORT_STOP)
 
     def close(self):
-        job = self.job
-        if job is not None and not job.state.finished:
-            try:
-                job.cancel(force=True)
-            except Exception:       # noqa: BLE001 - ending anyway
-                pass
-            job.wait(5)
+        self.stop_job()
         if self.qmp is not None:
             self.qmp.stop()
         if self._startup is not None:

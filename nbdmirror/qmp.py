@@ -500,6 +500,7 @@ class QMPServer:
         self.dispatch = dispatch
         self._clients = set()
         self._ident = None          # (st_dev, st_ino) of the socket we made
+        self.address = None         # the listening socket's local name
         self._loop = None
         self._main = None
         self._thread = None
@@ -511,6 +512,7 @@ class QMPServer:
         """Create the socket (SocketPathError if its path is taken), then
         serve in a thread of its own."""
         sock, self._ident = bind_unix(self.path)
+        self.address = sock.getsockname()   # its accepted sockets' too
         self._thread = threading.Thread(target=self._run, args=(sock,),
                                         daemon=True, name="nbdmirror-qmp")
         self._thread.start()

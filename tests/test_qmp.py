@@ -495,8 +495,8 @@ def assert_no_job_commands_fail(r):
         assert_error(r.execute(verb, device=JOB, **extra), "DeviceNotActive",
                      f"Block job '{JOB}' not found")
     for verb in JOB_VERBS:
-        desc = assert_error(r.execute(verb, id=JOB), "GenericError")
-        assert JOB in desc and "not found" in desc
+        assert_error(r.execute(verb, id=JOB), "GenericError",
+                     "Job not found")           # QEMU's words
     assert_error(r.execute("block-job-change", id=JOB, type="mirror",
                            **{"copy-mode": "background"}), "DeviceNotActive")
 

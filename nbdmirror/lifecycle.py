@@ -1,0 +1,154 @@
+"""Ending the proxy: QMP `quit` and signals stop it in bounded time.
+
+nbdkit 1.32 asked to exit (nbdkit.shutdown(), or SIGTERM) stops accepting
+clients but then waits for every connected guest to hang up: a guest that
+keeps its connection open keeps the proxy alive.  So the proxy ends them
+itself:
+
+  * Signals.install() (nbdkit's main thread, in after_fork) takes SIGTERM,
+    SIGINT, SIGHUP and SIGQUIT over from nbdkit: Python's C-level handler
+    writes the signal number to a wakeup pipe, and a watcher thread calls
+    `on_signal`, which ends the job, the guests and nbdkit, as `quit` does.
+  * guest_connections() finds the guests' connections among the process's
+    file descriptors: sockets that are not listening and whose local
+    address is that of one of nbdkit's listening sockets (outgoing NBD
+    connections have other addresses).  shutdown(2) for reading on each
+    makes nbdkit's connection thread see the end of its client.
+  * GuestSocket remembers the inode of nbdkit's -U socket, so that the
+    proxy removes that socket at exit only if it is still the one nbdkit
+    made (nbdkit 1.32 leaves it behind).
+"""
+
+import os
+import select
+import signal
+import socket
+import stat
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+class Signals:
+    def __init__(self, on_signal):
+        self._on_signal = on_signal
+        self._r = self._w = None
+
+    def install(self):
+        """Only from the main thread (Python's rule for signal handlers)."""
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        for sig in SIGNALS:
+            # The Python-level handler never runs (nbdkit's main thread
+            # runs no Python); the wakeup byte is what counts.
+            signal.signal(sig, lambda *_: None)
+        threading.Thread(target=self._watch, daemon=True,
+                         name="nbdmirror-signals").start()
+
+    def _watch(self):
+        while True:
+            select.select([self._r], [], [])
+            try:
+                data = os.read(self._r, 64)
+            except BlockingIOError:
+                continue
+            if data:
+                self._on_signal(data[0])
+                return
+
+
+def _sockets():
+    """A socket object (over a dup of the fd) for each socket we hold."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                out.append(socket.socket(fileno=os.dup(int(name))))
+        except OSError:
+            continue
+    return out
+
+
+def _local(s):
+    name = s.getsockname()
+    if s.family in (socket.AF_INET, socket.AF_INET6):
+        return (s.family, name[1])          # the port: listeners bind any
+    return (s.family, name)
+
+
+def disconnect_guests(spare=()):
+    """shutdown(2) every guest connection (not those of the listening
+    sockets named in `spare`); return how many there were."""
+    socks = _sockets()
+    try:
+        listening, others = set(), []
+        for s in socks:
+            try:
+                local = _local(s)
+                if not local[1]:
+                    continue                # unnamed: an outgoing client
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    if local[1] not in spare:
+                        listening.add(local)
+                else:
+                    others.append((s, local))
+            except OSError:
+                continue
+        n = 0
+        for s, local in others:
+            if local in listening:
+                try:
+                    # Reading only: replies in flight still go out (a write
+                    # error while other workers send trips an assertion in
+                    # nbdkit 1.32), and the next read sees the end.
+                    s.shutdown(socket.SHUT_RD)
+                    n += 1
+                except OSError:
+                    pass
+        return n
+    finally:
+        for s in socks:
+            s.close()
+
+
+class GuestSocket:
+    """nbdkit's -U socket: noted once nbdkit made it, removed at exit only
+    if the path still names that socket."""
+
+    def __init__(self):
+        self._path = self._ident = None
+
+    def note(self):
+        """After nbdkit bound its listening sockets (after_fork), before
+        the proxy makes its own (the control socket)."""
+        for s in _sockets():
+            try:
+                if s.family == socket.AF_UNIX and s.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    path = s.getsockname()
+                    if isinstance(path, str) and path and \
+                            self._path is None and _is_socket(path):
+                        st = os.stat(path)
+                        self._path, self._ident = path, (st.st_dev,
+                                                         st.st_ino)
+            except OSError:
+                pass
+            finally:
+                s.close()
+
+    def remove(self):
+        if self._path is None:
+            return
+        try:
+            st = os.stat(self._path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self._path)
+        except OSError:
+            pass
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
