@@ -397,6 +397,8 @@ def status(args):
               f"rate {format_size(rate)}/s, ETA {eta}"
               + (f", speed limit {format_size(j['speed'])}/s" if j["speed"] else "")
               + (f", io-status {j['io-status']}" if j["io-status"] != "ok" else "")
+              + (f", target disconnected for {j['target-disconnected']:.0f} s"
+                 if "target-disconnected" in j else "")
               + (f", error: {j['error']}" if j.get("error") else ""))
         return 0
 

@@ -38,6 +38,7 @@ import traceback
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
+from .endpoints import EndpointError
 from .jobstate import Action, JobState, Status
 
 S = Status
@@ -51,6 +52,7 @@ HOLD_PATIENCE = 1.0     # hold anyway once the backlog stayed big this long
 RATE_INTERVAL = 0.5     # seconds between copy rate samples
 ERROR_EVENT_INTERVAL = 0.1   # BLOCK_JOB_ERROR at most this often (`ignore`)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0   # `ignore` retries, doubling
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0   # between reconnect attempts
 
 
 class JobError(Exception):
@@ -61,7 +63,8 @@ class Job:
     """One mirror job from `source` to `target` (open endpoints; the job
     owns `target` until a pivot hands it to the guest path)."""
 
-    def __init__(self, opts, guest, source, target, emit):
+    def __init__(self, opts, guest, source, target, emit,
+                 connect_timeout=10.0):
         self.opts = opts
         self.id = opts.job_id
         self.guest = guest
@@ -90,6 +93,12 @@ class Job:
         self._backoff_until = 0.0
         self._last_error_event = 0.0
         self._hold_retry_at = 0.0
+        # Target connection loss (job thread; read by queries).
+        self.reconnect_delay = opts.reconnect_delay
+        self._connect_timeout = connect_timeout
+        self._lost_at = None             # when the loss was noticed
+        self._next_attempt = 0.0
+        self._attempt_wait = RECONNECT_MIN
         self._finish_asked = None        # when complete/soft cancel came
         self._rate = 0.0                 # bytes/s copied, smoothed
         self._rate_at = (time.monotonic(), 0)
@@ -161,8 +170,15 @@ class Job:
     @property
     def write_blocking(self):
         """Guest writes go through write_through() (once the job knows
-        where the target reads as zero: targetzero.py)."""
-        return self.copy_mode == "write-blocking" and self._target_learnt
+        where the target reads as zero: targetzero.py), unless the target
+        connection is lost: then they are tracked as in background mode."""
+        return self.copy_mode == "write-blocking" and self._target_learnt \
+            and self.target.dead is None
+
+    def disconnected_for(self):
+        """Seconds since the target connection was lost, or None."""
+        lost = self._lost_at
+        return None if lost is None else time.monotonic() - lost
 
     @property
     def actively_synced(self):
@@ -318,6 +334,9 @@ class Job:
             if action is Action.ABORT:
                 self._abort()
                 return None
+            if action is not Action.PAUSE and self.target.dead is not None:
+                self._reconnect_step()
+                continue
             if action is Action.PAUSE:
                 self._pause_step()
                 continue
@@ -362,6 +381,46 @@ class Job:
     def _backlog(self):
         """Bytes still to copy: dirty or in flight."""
         return self.bitmap.dirty_bytes() + self.copier.progress()[1]
+
+    def _reconnect_step(self):
+        """The target connection is lost: the guest stays on the source,
+        what was in flight is dirty again (failed requests re-mark their
+        ops), nothing new is sent, and the job reconnects with back-off.
+        Back, it goes on from the bitmap.  After reconnect-delay without
+        success, on-target-error applies (and a resume starts over)."""
+        c = self.copier
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+            self._next_attempt, self._attempt_wait = now, RECONNECT_MIN
+            c.stop()
+            self._advance(("TARGET_DISCONNECTED", {
+                "device": self.id, "reason": str(self.target.dead)}))
+        c.drain(now)                     # queued pieces back to the bitmap
+        if now >= self._next_attempt:
+            left = self.reconnect_delay - (now - self._lost_at)
+            try:
+                self.target.reconnect(
+                    max(0.1, min(self._connect_timeout, left)),
+                    give_up=self._aborting)
+            except EndpointError:
+                self._next_attempt = time.monotonic() + self._attempt_wait
+                self._attempt_wait = min(self._attempt_wait * 2,
+                                         RECONNECT_MAX)
+            else:
+                downtime = time.monotonic() - self._lost_at
+                self._lost_at = None
+                self._advance(("TARGET_RECONNECTED", {
+                    "device": self.id, "downtime": round(downtime, 3)}))
+                c.start()
+                return
+            if time.monotonic() - self._lost_at >= self.reconnect_delay:
+                self._lost_at = None
+                self._on_error(CopyError("write", errno.ENOTCONN, 0,
+                                         "target connection"), lost=True)
+                return
+        c.pump(min(IDLE_WAKEUP,
+                   max(0.0, self._next_attempt - time.monotonic())))
 
     def _pause_step(self):
         """Let in-flight copies finish, then sit still until woken."""
@@ -498,8 +557,14 @@ class Job:
             self._conclude(event)
 
     # -- errors ------------------------------------------------------------
-    def _on_error(self, e):
-        """Apply on-source-error / on-target-error to a failed request."""
+    def _on_error(self, e, lost=False):
+        """Apply on-source-error / on-target-error to a failed request.
+        A target write that failed because the connection is lost is left
+        to _reconnect_step (which calls this with lost=True once the
+        reconnect delay is over)."""
+        if not lost and e.operation == "write" and self.reconnect_delay and \
+                self.target.dead is not None:
+            return
         policy = self.opts.on_source_error if e.operation == "read" \
             else self.opts.on_target_error
         if policy == "enospc":

@@ -140,9 +140,13 @@ class Int(_Kind):
 
 
 class Seconds(_Kind):
-    """A positive number of seconds; fractions allowed."""
+    """A positive number of seconds (or zero, with zero=True); fractions
+    allowed."""
     qmp = float
     metavar = "S"
+
+    def __init__(self, zero=False):
+        self.zero = zero
 
     def parse(self, value):
         try:
@@ -152,8 +156,10 @@ class Seconds(_Kind):
         except ValueError:
             raise ValueError(f"{value!r} is not a number of seconds") \
                 from None
-        if not (math.isfinite(s) and 0 < s <= MAX_SECONDS):
-            raise ValueError(f"{value!r} is out of range (more than 0, "
+        if not (math.isfinite(s) and (0 < s or self.zero and s == 0)
+                and s <= MAX_SECONDS):
+            least = "0" if self.zero else "more than 0"
+            raise ValueError(f"{value!r} is out of range ({least}, "
                              f"at most {MAX_SECONDS:.0f})")
         return s
 
@@ -346,6 +352,9 @@ OPTIONS = _table(
            "what a source read error does to the job", JOB, qmp=OPTIONAL),
     Option("on-target-error", Choice(*ERROR_POLICIES), "report",
            "what a target write error does to the job", JOB, qmp=OPTIONAL),
+    Option("reconnect-delay", Seconds(zero=True), 30,
+           "seconds to keep reconnecting to a lost target before "
+           "on-target-error applies (0: at once)", JOB, qmp=OPTIONAL),
     Option("target-is-zero", Flag(), False,
            "the target reads as zeroes before the job", JOB, qmp=OPTIONAL),
     Option("auto-finalize", Flag(), True,

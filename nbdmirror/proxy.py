@@ -116,7 +116,10 @@ class Proxy:
                 target.close()
                 raise
             self.job = Job(job_opts, self.guest, self.guest.backend, target,
-                           self.emit)
+                           self.emit,
+                           connect_timeout=getattr(self.options,
+                                                   "connect_timeout",
+                                                   DEFAULT_CONNECT_TIMEOUT))
             self.job.start()
 
     def request_shutdown(self):

@@ -102,8 +102,10 @@ def bad(row):
             else str(kind.hi + 1)
     if isinstance(kind, Int):
         return str(kind.lo - 1)
+    if isinstance(kind, Seconds):
+        return "-1" if kind.zero else "0"
     return {Text: "", Path: "", NbdUri: "/tmp/x.img", Source: "/no/such.img",
-            Flag: "maybe", Seconds: "0", Choice: "bogus"}[type(kind)]
+            Flag: "maybe", Choice: "bogus"}[type(kind)]
 
 
 @pytest.fixture
@@ -312,6 +314,8 @@ def test_bad_job_value_from_qmp_names_the_argument(row):
     value = bad(row)
     if row.kind.qmp is int:
         value = row.kind.hi + 1 if isinstance(row.kind, Size) else -1
+    elif row.kind.qmp is float:
+        value = -1
     elif row.kind.qmp is bool:
         pytest.skip("a JSON boolean is always a good boolean")
     with pytest.raises(QMPError) as e:
