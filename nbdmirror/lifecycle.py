@@ -26,6 +26,8 @@ import socket
 import stat
 import threading
 
+from .paths import file_identity, unlink_if_same
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -128,27 +130,20 @@ class GuestSocket:
                     path = s.getsockname()
                     if isinstance(path, str) and path and \
                             self._path is None and _is_socket(path):
-                        st = os.stat(path)
-                        self._path, self._ident = path, (st.st_dev,
-                                                         st.st_ino)
+                        self._path = path
+                        self._ident = file_identity(path)
             except OSError:
                 pass
             finally:
                 s.close()
 
     def remove(self):
-        if self._path is None:
-            return
-        try:
-            st = os.stat(self._path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self._path)
-        except OSError:
-            pass
+        if self._path is not None:
+            unlink_if_same(self._path, self._ident)
 
 
 def _is_socket(path):
     try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False

@@ -106,32 +106,22 @@ def get_size(g):
     return g.backend.size
 
 
-def can_write(g):
-    return g.backend.can_write
+def _capability(name):
+    """can_NAME(g): what the guest's backend offers now (after a pivot,
+    the target: new guest connections see its capabilities)."""
+    def callback(g):
+        return getattr(g.backend, name)
+    callback.__name__ = name
+    return callback
 
 
-def can_flush(g):
-    return g.backend.can_flush
-
-
-def can_trim(g):
-    return g.backend.can_trim
-
-
-def can_zero(g):
-    return g.backend.can_zero
-
-
-def can_fast_zero(g):
-    return g.backend.can_fast_zero
-
-
-def can_extents(g):
-    return g.backend.can_extents
-
-
-def can_multi_conn(g):
-    return g.backend.can_multi_conn
+can_write = _capability("can_write")
+can_flush = _capability("can_flush")
+can_trim = _capability("can_trim")
+can_zero = _capability("can_zero")
+can_fast_zero = _capability("can_fast_zero")
+can_extents = _capability("can_extents")
+can_multi_conn = _capability("can_multi_conn")
 
 
 def can_fua(g):
