@@ -399,6 +399,9 @@ def status(args):
               + (f", io-status {j['io-status']}" if j["io-status"] != "ok" else "")
               + (f", target disconnected for {j['target-disconnected']:.0f} s"
                  if "target-disconnected" in j else "")
+              + (f", copy-mode {j['copy-mode']}"
+                 + (" (actively synced)" if j.get("actively-synced") else "")
+                 if j.get("copy-mode", "background") != "background" else "")
               + (f", error: {j['error']}" if j.get("error") else ""))
         return 0
 

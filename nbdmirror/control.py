@@ -104,6 +104,7 @@ def block_job_info(job):
         "auto-finalize": job.state.auto_finalize,
         "auto-dismiss": job.state.auto_dismiss,
         "actively-synced": job.actively_synced,
+        "copy-mode": job.copy_mode,     # nbdmirror's: auto shows its switch
     }
     if job.error:
         info["error"] = job.error

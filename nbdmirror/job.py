@@ -12,6 +12,13 @@ Threads and locks:
     which holds the write's chunks in `locks` (chunklocks.py) while it
     writes the source and then the target.
 `_lock` guards `state`, `_speed`, `error`, `io_status` and `copy_mode`.
+
+copy-mode auto (the job thread decides): it starts as background and
+watches the backlog (dirty + in flight) while it runs; when no smaller
+backlog was seen for auto-switch-after seconds (a guest writes faster than
+the copier drains), `copy_mode` becomes write-blocking, for good, with a
+JOB_COPY_MODE_CHANGED event.  From then on every guest write also lands on
+the target, so the backlog only shrinks and the job converges.
 Events are emitted with it held, so their order is the order of the
 transitions.
 
@@ -81,7 +88,9 @@ class Job:
             buf_size=opts.buf_size, speed=opts.speed,
             target_is_zero=opts.target_is_zero, on_error=self._on_error,
             locks=self.locks, give_up=self._aborting)
-        self.copy_mode = opts.copy_mode
+        self.copy_mode = opts.copy_mode  # "auto" until it switches
+        self._least_backlog = None       # copy-mode auto: smallest seen...
+        self._least_at = 0.0             # ... and when
         self._target_learnt = False      # write-throughs may start
         self._through_bytes = 0          # written through to the target
         self.error = None                # why the job failed, if it did
@@ -147,8 +156,8 @@ class Job:
         self._verb(set_speed)
 
     def change(self, copy_mode):
-        """block-job-change: background -> write-blocking (as QEMU, the only
-        switch there is)."""
+        """block-job-change: background or auto -> write-blocking (as QEMU,
+        the only switch there is)."""
         if copy_mode not in ("background", "write-blocking"):
             raise JobError(f"copy-mode {copy_mode!r} is not one of "
                            "background, write-blocking")
@@ -158,7 +167,7 @@ class Job:
                 return
             if copy_mode == "background":
                 raise JobError(f"Job '{self.id}': cannot change copy-mode "
-                               "from 'write-blocking' to 'background'")
+                               f"from '{self.copy_mode}' to 'background'")
             self.copy_mode = copy_mode
         self.copier.wake()
 
@@ -337,6 +346,7 @@ class Job:
             if action is not Action.PAUSE and self.target.dead is not None:
                 self._reconnect_step()
                 continue
+            self._watch_backlog(action)
             if action is Action.PAUSE:
                 self._pause_step()
                 continue
@@ -361,6 +371,24 @@ class Job:
                               ("BLOCK_JOB_READY", self._event_data()))
                 continue
             c.pump(IDLE_WAKEUP)
+
+    def _watch_backlog(self, action):
+        """copy-mode auto: switch to write-blocking once the backlog has
+        not shrunk for auto-switch-after seconds of copying."""
+        if self.copy_mode != "auto":
+            return
+        now, backlog = time.monotonic(), self._backlog()
+        if action is not Action.RUN or self._least_backlog is None or \
+                backlog < self._least_backlog or not backlog:
+            # A new low, or not copying (paused, completing): start over.
+            self._least_backlog, self._least_at = backlog, now
+        elif now - self._least_at >= self.opts.auto_switch_after:
+            with self._lock:
+                self.copy_mode = "write-blocking"
+                self.emit("JOB_COPY_MODE_CHANGED", {
+                    "id": self.id, "copy-mode": "write-blocking",
+                    "reason": f"the backlog did not shrink for "
+                              f"{self.opts.auto_switch_after:g} s"})
 
     def _measure_rate(self):
         now, done = time.monotonic(), self.copier.done_bytes

@@ -345,9 +345,15 @@ OPTIONS = _table(
     Option("buf-size", Size(4 * K, MAX_BUF_SIZE), "16M",
            f"bytes in flight source to target, at most; up to "
            f"{short_size(MAX_BUF_SIZE)}", JOB, qmp=OPTIONAL),
-    Option("copy-mode", Choice("background", "write-blocking"), "background",
+    Option("copy-mode", Choice("background", "write-blocking", "auto"),
+           "background",
            "write-blocking: guest writes reach the target before they "
-           "complete", JOB, qmp=OPTIONAL),
+           "complete; auto: background until the backlog stops shrinking "
+           "for auto-switch-after seconds, then write-blocking", JOB,
+           qmp=OPTIONAL),
+    Option("auto-switch-after", Seconds(), 5,
+           "copy-mode auto: seconds without a smaller backlog before "
+           "switching to write-blocking", JOB, qmp=OPTIONAL),
     Option("on-source-error", Choice(*ERROR_POLICIES), "report",
            "what a source read error does to the job", JOB, qmp=OPTIONAL),
     Option("on-target-error", Choice(*ERROR_POLICIES), "report",
