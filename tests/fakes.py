@@ -58,12 +58,16 @@ writes.  `ep.during_extents` runs a hook after an answer was computed and
 before it is returned (a guest write racing a block-status request).
 """
 
+import dataclasses
 import errno
 import random
 import threading
 import time
 
 from nbdmirror.endpoints import HOLE, ZERO, Extent
+from nbdmirror.guest import GuestIO
+from nbdmirror.job import Job
+from nbdmirror.options import make_job_options
 
 SYNC_TIMEOUT = 10.0      # a queued synchronous request waits at most this
 JUNK = 0xEE              # what a failed write leaves behind
@@ -537,6 +541,8 @@ class Completer:
         self.stop()
 
     def stop(self):
+        if self._thread.ident is None:
+            return                       # never started
         with self.sched.cond:
             self._stop = True
             self.sched.cond.notify_all()
@@ -586,6 +592,124 @@ class Completer:
                     pass                 # completed by the test meanwhile
         except BaseException as e:      # noqa: BLE001 - reported by stop()
             self.error = e
+
+
+_NO_ZERO = bytes([1]) + bytes(range(1, 256))
+
+
+def noise(n, seed):
+    """n bytes of seeded random data, none of them zero."""
+    return random.Random(seed).randbytes(n).translate(_NO_ZERO)
+
+
+class JobRig:
+    """A Job between two fake endpoints, with a real GuestIO on the source,
+    and a Completer that completes every request except those the test
+    holds: kinds in `hold` (a set the test may change), and any request to
+    the target while hold_target is set.
+
+    Events are recorded in `events` [(name, data)]; at BLOCK_JOB_READY and
+    at the pivot (the guest's backend switch) `ready_facts` / `pivot_facts`
+    note what held then.  close() ends the job (force cancel) and the
+    completer, bounded."""
+
+    def __init__(self, size=1 << 20, seed=0, *, hold=(), order="mixed",
+                 src_data=None, queue_sync=False, **opts):
+        self.sched = Scheduler(seed)
+        data = noise(size, seed) if src_data is None else src_data
+        self.src = FakeEndpoint(self.sched, data=data, name="src")
+        self.tgt = FakeEndpoint(self.sched, data=bytes([0x55]) * len(data),
+                                name="tgt", queue_sync=queue_sync)
+        self.guest = GuestIO(self.src)
+        self.hold = set(hold)
+        self.hold_target = False
+        self.completer = Completer(
+            self.sched, seed, order=order,
+            hold=lambda r: r.kind in self.hold or
+            (self.hold_target and r.ep is self.tgt))
+        fields = dict(granularity=64 << 10, buf_size=1 << 20)
+        fields.update(opts)
+        self.opts = dataclasses.replace(
+            make_job_options({"target": "nbd://fake"}), **fields)
+        self.cond = threading.Condition()
+        self.events = []
+        self.ready_facts = []
+        self.pivot_facts = []
+        self.job = Job(self.opts, self.guest, self.src, self.tgt, self.emit)
+        switch = self.guest.switch_backend
+
+        def switch_backend(backend):
+            self.pivot_facts.append(self._facts())
+            return switch(backend)
+        self.guest.switch_backend = switch_backend
+
+    def _facts(self):
+        c = self.job.copier
+        return {"dirty": self.job.bitmap.dirty_chunks,
+                "in_flight": c.progress()[1], "busy": c.busy,
+                "durable": self.tgt.durable == self.src.data,
+                "flushes": list(self.tgt.flushes),
+                "gate_closed": self.guest.gate.closed}
+
+    def emit(self, event, data):
+        if event == "BLOCK_JOB_READY":
+            self.ready_facts.append(self._facts())
+        with self.cond:
+            self.events.append((event, data))
+            self.cond.notify_all()
+
+    # -- the test's side -------------------------------------------------------
+    def start(self):
+        self.completer.__enter__()
+        self.job.start()
+        return self
+
+    def names(self):
+        with self.cond:
+            return [e for e, _ in self.events]
+
+    def statuses(self):
+        with self.cond:
+            return [d["status"] for e, d in self.events
+                    if e == "JOB_STATUS_CHANGE"]
+
+    def wait_event(self, name, timeout=5.0, pred=None):
+        """The data of the first event `name` (for which pred(data))."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for e, d in self.events:
+                    if e == name and (pred is None or pred(d)):
+                        return d
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {name} after {timeout}s: "
+                                         f"{[e for e, _ in self.events]}")
+                self.cond.wait(left)
+
+    def wait_status(self, status, timeout=5.0):
+        return self.wait_event("JOB_STATUS_CHANGE", timeout,
+                               lambda d: d["status"] == status)
+
+    def flush(self, timeout=5.0):
+        """The next flush the job sends to the target (hold "flush")."""
+        return self.sched.wait_for(("flush", self.tgt), timeout=timeout)[0]
+
+    def ended(self, timeout=5.0):
+        assert self.job.wait(timeout), "the job did not end"
+
+    def close(self):
+        try:
+            if not self.job.wait(0) and self.job._thread.is_alive():
+                self.hold.clear()
+                self.hold_target = False
+                try:
+                    self.job.cancel(force=True)
+                except Exception:       # noqa: BLE001 - ending anyway
+                    pass
+                assert self.job.wait(10), "the job did not end"
+        finally:
+            self.completer.stop()
 
 
 def poll(cond, timeout=5.0, what="condition"):

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from fakes import FakeEndpoint, Layout, Scheduler
+from fakes import FakeEndpoint, Layout, Scheduler, noise
 from nbdmirror import copier as copier_mod
 from nbdmirror.bitmap import DirtyBitmap
 from nbdmirror.copier import Copier
@@ -26,12 +26,6 @@ G = 64 * K                      # granularity in most tests
 ZH = HOLE | ZERO
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def noise(n, seed):
-    """n bytes of seeded random data with no zero 4K block."""
-    rnd = random.Random(seed)
-    return bytes(rnd.getrandbits(8) | 1 for _ in range(n))
 
 
 class Rig:
