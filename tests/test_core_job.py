@@ -214,31 +214,38 @@ def test_soft_cancel_after_ready_leaves_the_target_in_sync_without_pivot(
 
 # -- abort ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("copier_busy", [True, False])
-def test_abort_with_target_requests_that_never_complete_ends_in_bounded_time(
-        rigs, monkeypatch, copier_busy):
-    """The target stops answering: the copier's writes and a guest
-    write-through hang.  A force cancel ends the job within ABORT_GRACE +
-    ABANDON_GRACE, and the guest gets its answer (its data is on the
-    source)."""
+@pytest.mark.parametrize("hang", ["target-busy", "target-idle", "source"])
+def test_abort_with_requests_that_never_complete_ends_in_bounded_time(
+        rigs, monkeypatch, hang):
+    """An endpoint stops answering: the target (with the copier's writes in
+    flight, or only a guest write-through), or the source (the copier's
+    reads).  A force cancel ends the job within ABORT_GRACE +
+    ABANDON_GRACE, the target's requests end (the source's are left to
+    finish on their own), and the guest gets its answer: its data is on
+    the source."""
     monkeypatch.setattr(job_mod, "ABORT_GRACE", 0.2)
     monkeypatch.setattr(copier_mod, "ABANDON_GRACE", 0.5)
     rig = rigs(size=4 * M, copy_mode="write-blocking", queue_sync=True)
-    if copier_busy:
+    if hang == "target-busy":
         rig.hold_target = True
         rig.start()
         rig.sched.wait_for(("write", rig.tgt))   # the copier's, stuck
-    else:
+    elif hang == "target-idle":
         rig.start()
         rig.wait_event("BLOCK_JOB_READY")
         rig.hold_target = True
+    else:
+        rig.hold.add("read")
+        rig.start()
+        rig.sched.wait_for(("read", rig.src))
     answered = []
     payload = b"\x05" * 8 * K
     guest = threading.Thread(
         target=lambda: answered.append(rig.guest.pwrite(payload, 3 * M)),
         daemon=True)
     guest.start()
-    rig.sched.wait_for(lambda r: r.sync and r.ep is rig.tgt)
+    if hang != "source":
+        rig.sched.wait_for(lambda r: r.sync and r.ep is rig.tgt)
     t0 = time.monotonic()
     rig.job.cancel(force=True)
     rig.ended(timeout=5)
@@ -247,7 +254,7 @@ def test_abort_with_target_requests_that_never_complete_ends_in_bounded_time(
     assert not guest.is_alive() and answered == [None]
     assert elapsed < job_mod.ABORT_GRACE + copier_mod.ABANDON_GRACE + 0.5
     assert "BLOCK_JOB_CANCELLED" in rig.names()
-    assert rig.sched.pending() == [] and rig.tgt.closed
+    assert rig.sched.pending(rig.tgt) == [] and rig.tgt.closed
     assert rig.src.data[3 * M:3 * M + len(payload)] == payload
     assert rig.guest.backend is rig.src and rig.guest.mirror is None
 
