@@ -56,6 +56,14 @@ Layout is the extent map of a disk (runs of data, zero, hole and allocation
 depth); a FakeEndpoint answers extents() from it and keeps it up to date on
 writes.  `ep.during_extents` runs a hook after an answer was computed and
 before it is returned (a guest write racing a block-status request).
+
+JobRig puts a real Job and GuestIO on two FakeEndpoints, with a Completer
+answering what the test does not hold, and records events and what held at
+READY and at the pivot (test_core_job.py shows its use).
+
+Locking: every FakeEndpoint's state and the Scheduler's are guarded by
+`sched.cond`; done() callbacks, before_done hooks and extents hooks run
+without it, so the code under test may issue new requests from them.
 """
 
 import dataclasses
@@ -361,7 +369,7 @@ class FakeEndpoint:
     def pending(self, match=None):
         return self.sched.pending((self, _matcher(match)))
 
-    # -- asynchronous requests -------------------------------------------------
+    # -- asynchronous requests ------------------------------------------------
     def aio_read(self, view, offset, done):
         self._submit("read", offset, len(view), view, done)
 
@@ -378,7 +386,7 @@ class FakeEndpoint:
             return done(0)
         self._submit("flush", 0, 0, None, done)
 
-    # -- synchronous requests ----------------------------------------------------
+    # -- synchronous requests -------------------------------------------------
     def pread(self, buf, offset):
         with self.sched.cond:
             self._check_alive()
@@ -411,7 +419,7 @@ class FakeEndpoint:
             hook(offset, count)          # the answer above may be stale now
         return answer
 
-    # -- the end ------------------------------------------------------------------
+    # -- the end --------------------------------------------------------------
     def abort(self, reason="aborted"):
         """As a killed connection: what is in flight fails now, with
         ENOTCONN, and so does every later request."""
@@ -421,14 +429,14 @@ class FakeEndpoint:
             try:
                 self.sched.complete(r, errno.ENOTCONN)
             except AssertionError:
-                pass                     # completed meanwhile by another thread
+                pass                 # completed meanwhile by another thread
 
     def close(self):
         """As NbdEndpoint.close(): what is still in flight is killed."""
         self.closed = True
         self.abort("closed")
 
-    # -- internals ---------------------------------------------------------------
+    # -- internals ------------------------------------------------------------
     def _check_alive(self):
         if self.dead is not None:
             raise OSError(errno.ENOTCONN, f"{self.name}: {self.dead}")
@@ -658,7 +666,7 @@ class JobRig:
             self.events.append((event, data))
             self.cond.notify_all()
 
-    # -- the test's side -------------------------------------------------------
+    # -- the test's side ------------------------------------------------------
     def start(self):
         self.completer.__enter__()
         self.job.start()

@@ -100,7 +100,7 @@ class Rig:
         assert self.sched.max_data_in_flight <= max(self.buf_size, 4096)
 
 
-# -- copying ---------------------------------------------------------------------
+# -- copying ------------------------------------------------------------------
 
 MIXED = [(3 * G, 0, 1), (2 * G + 4 * K, ZH, 1), (5 * G - 4 * K, 0, 1),
          (6 * G, ZH, 1)]
@@ -140,7 +140,7 @@ def test_requests_completed_before_they_return_work_too():
     assert rig.sched.pending() == []
 
 
-# -- clear-before-read -------------------------------------------------------------
+# -- clear-before-read --------------------------------------------------------
 
 @pytest.mark.parametrize("read_at", ["issue", "complete"])
 def test_guest_write_during_an_inflight_read_leaves_the_chunk_dirty(read_at):
@@ -184,7 +184,7 @@ def test_guest_write_while_the_target_write_is_in_flight_is_copied_again():
     assert rig.tgt.data == rig.src.data
 
 
-# -- errors --------------------------------------------------------------------------
+# -- errors -------------------------------------------------------------------
 
 def test_failed_read_redirties_the_op_and_reports_a_read_error():
     rig = Rig(noise(2 * M, 5), buf_size=2 * M)
@@ -278,7 +278,7 @@ def test_failed_write_forgets_that_the_target_read_as_zero():
     assert rig.tgt.data == bytes(M)
 
 
-# -- data in flight ---------------------------------------------------------------
+# -- data in flight -----------------------------------------------------------
 
 @pytest.mark.parametrize("buf_size,disk", [(4096, 256 * K),
                                            (3 * 4096 + 100, 256 * K),
@@ -329,7 +329,7 @@ def test_the_copier_leaves_chunks_a_write_through_holds():
     assert rig.tgt.data == rig.src.data
 
 
-# -- zeroes ----------------------------------------------------------------------
+# -- zeroes -------------------------------------------------------------------
 
 def test_all_zero_data_becomes_a_zero_request():
     layout = Layout(M, [(M, 0, 1)])              # reported as data
@@ -436,7 +436,7 @@ def test_targetzero_whole_chunks_and_runs():
     assert tz.reads_zero(2, 5) and not tz.reads_zero(0, 2)
 
 
-# -- the extent cache against a racing guest write --------------------------------
+# -- the extent cache against a racing guest write ----------------------------
 
 @pytest.mark.parametrize("writes", [
     {1: 5 * G},             # while the op is sized, before its bits clear
@@ -477,7 +477,7 @@ def test_a_guest_write_drops_the_cached_extents_it_touches():
     assert rig.tgt.data == rig.src.data
 
 
-# -- ending ------------------------------------------------------------------------
+# -- ending -------------------------------------------------------------------
 
 def test_drain_gives_queued_pieces_back_as_dirty():
     rig = Rig(noise(4 * M, 17), buf_size=M, granularity=4 * K)
@@ -514,7 +514,7 @@ def test_abandon_ends_target_requests_that_never_complete(monkeypatch):
     assert c.done_bytes == 0
 
 
-# -- a seeded soak ----------------------------------------------------------------
+# -- a seeded soak ------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(12))
 def test_soak_guest_writes_errors_and_any_completion_order(seed):

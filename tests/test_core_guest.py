@@ -47,7 +47,7 @@ def guest_on(data=None, **kw):
     return sched, src, GuestIO(src)
 
 
-# -- tracking ----------------------------------------------------------------------
+# -- tracking -----------------------------------------------------------------
 
 def test_a_tracked_write_is_reported_after_the_source_has_it():
     _, src, guest = guest_on()
@@ -88,7 +88,7 @@ def test_without_a_mirror_requests_just_go_to_the_backend():
     assert buf == b"\x04" * 10 and guest.mirror is None
 
 
-# -- the gate ------------------------------------------------------------------------
+# -- the gate -----------------------------------------------------------------
 
 def test_a_closed_gate_keeps_new_requests_out_and_counts_those_inside():
     sched, src, guest = guest_on(queue_sync=True)
@@ -134,7 +134,7 @@ def test_switch_backend_needs_the_gate_closed_and_empty():
     guest.gate.open()
 
 
-# -- the job's write-through (the test is the job thread) ----------------------------
+# -- the job's write-through (the test is the job thread) ---------------------
 
 def dirty(rig):
     return [c for c, bit in enumerate(rig.job.bitmap.snapshot()) if bit]

@@ -48,7 +48,7 @@ def settled(facts):
     return {k: facts[k] for k in SETTLED}
 
 
-# -- ready ------------------------------------------------------------------------
+# -- ready --------------------------------------------------------------------
 
 def test_ready_comes_after_a_successful_flush_of_a_converged_copy(rigs):
     rig = rigs(hold={"flush"}).start()
@@ -130,7 +130,7 @@ def test_the_flush_before_ready_covers_copies_made_while_it_was_in_flight(
     assert [settled(f) for f in rig.ready_facts] == [SETTLED]
 
 
-# -- pivot ------------------------------------------------------------------------
+# -- pivot --------------------------------------------------------------------
 
 def ready_rig(rigs, **kw):
     """A job in `ready`, its flushes held."""
@@ -212,7 +212,7 @@ def test_soft_cancel_after_ready_leaves_the_target_in_sync_without_pivot(
     assert rig.tgt.durable == rig.src.data
 
 
-# -- abort ------------------------------------------------------------------------
+# -- abort --------------------------------------------------------------------
 
 @pytest.mark.parametrize("hang", ["target-busy", "target-idle", "source"])
 def test_abort_with_requests_that_never_complete_ends_in_bounded_time(
@@ -259,7 +259,7 @@ def test_abort_with_requests_that_never_complete_ends_in_bounded_time(
     assert rig.guest.backend is rig.src and rig.guest.mirror is None
 
 
-# -- guest writes racing the copier ------------------------------------------------
+# -- guest writes racing the copier -------------------------------------------
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("copy_mode", ["write-blocking", "background"])
