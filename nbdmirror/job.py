@@ -365,12 +365,18 @@ class Job:
                     if ended:
                         return old_source
                     continue
-            if self.status is S.RUNNING and may_retry and c.converged() \
-                    and self._flush() and c.converged():
-                self._advance(S.READY,
-                              ("BLOCK_JOB_READY", self._event_data()))
+            if self.status is S.RUNNING and may_retry and c.converged():
+                # The flush must cover every write: none may complete
+                # while it is in flight (the copier runs meanwhile).
+                written = self._written()
+                if self._flush() and c.converged() and \
+                        self._written() == written:
+                    self._advance(S.READY,
+                                  ("BLOCK_JOB_READY", self._event_data()))
                 continue
-            c.pump(IDLE_WAKEUP)
+            c.pump(IDLE_WAKEUP if may_retry else
+                   min(IDLE_WAKEUP, max(0.0, max(self._hold_retry_at,
+                                                 self._backoff_until) - now)))
 
     def _watch_backlog(self, action):
         """copy-mode auto: switch to write-blocking once the backlog has
@@ -405,6 +411,12 @@ class Job:
         return self._backlog() <= max(HOLD_MIN_BACKLOG,
                                       self._rate * HOLD_AIM) or \
             now - self._finish_asked >= HOLD_PATIENCE
+
+    def _written(self):
+        """Bytes written to the target so far, by copies and write-throughs
+        (it changes whenever one completes)."""
+        c = self.copier
+        return c.copied_bytes + c.zeroed_bytes + self._through_bytes
 
     def _backlog(self):
         """Bytes still to copy: dirty or in flight."""

@@ -110,10 +110,6 @@ def test_a_guest_write_while_the_flush_is_in_flight_delays_ready(rigs):
     assert [settled(f) for f in rig.ready_facts] == [SETTLED]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the flush before READY need not cover the copier's writes that "
-    "completed while it was in flight (job._loop checks converged() again "
-    "after the flush, but not whether anything was written meanwhile)"))
 def test_the_flush_before_ready_covers_copies_made_while_it_was_in_flight(
         rigs):
     """The guest writes while the flush is in flight and the copier copies
