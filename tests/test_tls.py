@@ -28,9 +28,9 @@ import pytest
 
 from nbdmirror.options import (OptionError, make_job_options, parse_nbd_uri,
                                parse_source)
-from helpers import (REPO, EventLog, first_difference,
-                     make_image, nbd_read_all, nbd_unix_uri, nbdmirror_env,
-                     ok, qemu_io, qmp_execute, random_bytes, run_tool,
+from helpers import (REPO, EventLog, first_difference, make_image,
+                     nbd_read_all, nbd_unix_uri, nbdmirror_env, ok, qemu_io,
+                     qemu_nbd, qmp_execute, random_bytes, run_tool,
                      serve_args, sha256_file, start_proxy, wait_for_socket)
 from servers import AioClient, apply, plan_batch, write_file
 from tlsfiles import (free_port, nbdkit_tls, pki, ps_output, psk_file,
@@ -182,13 +182,15 @@ def test_guest_over_tcp_with_x509_checks_both_certificates(workdir, procs):
 # -- target leg: whole cycles ---------------------------------------------------------
 
 def mirror_cycle(workdir, procs, qmp, target_uri, target_img, seed,
-                 via="serve"):
-    """Serve `src` (plain guest socket) mirroring to `target_uri`: guest
+                 via="serve", source=None):
+    """Serve a source (plain guest socket) mirroring to `target_uri`: guest
     writes while copying, ready, writes, complete, writes after the pivot.
-    Returns (QMP replies and events seen, the proxy's process); the target
-    file is compared with what the guest wrote once the proxy stopped."""
+    The source is a new image of `seed`'s bytes, or `source` (a URI whose
+    export holds them).  Returns (QMP replies, events and `ps` output seen,
+    the proxy's process); the target file is compared with what the guest
+    wrote once the proxy stopped."""
     rng = random.Random(seed)
-    src = make_image(workdir / "src.img", SIZE, seed=seed)
+    src = source or make_image(workdir / "src.img", SIZE, seed=seed)
     shadow = bytearray(random_bytes(seed, SIZE))
     if via == "serve":
         proxy = start_proxy(procs, src, workdir / "g.sock",
@@ -274,6 +276,23 @@ def test_mirror_to_qemu_nbd_with_x509_over_tcp(workdir, procs, qmp):
                  port=port)
     uri = tls_uri(f"nbds://localhost:{port}/", tls_certificates=certs)
     mirror_cycle(workdir, procs, qmp, uri, tgt_img, seed=13)
+
+
+def test_mirror_from_a_source_served_over_psk(workdir, procs, qmp):
+    """The NBD source's connection takes the same URIs as the target's."""
+    src_img = make_image(workdir / "src.img", SIZE, seed=15)
+    psk = psk_file(workdir)
+    qdir = qemu_psk_dir(workdir / "qemu-psk", psk)
+    qemu_nbd_tls(procs, src_img,
+                 f"tls-creds-psk,id=tls0,dir={qdir},endpoint=server",
+                 sock=workdir / "src.sock")
+    source = tls_uri("nbds+unix:///", socket=workdir / "src.sock",
+                     tls_psk_file=psk, tls_username=USER)
+    tgt_img = make_image(workdir / "tgt.img", SIZE)
+    target = qemu_nbd(procs, tgt_img, workdir / "tgt.sock")
+    seen, proc = mirror_cycle(workdir, procs, qmp, target, tgt_img, seed=15,
+                              source=source)
+    assert_secret_never_shown(psk, seen, proc, procs)
 
 
 # -- target leg: refusals ----------------------------------------------------------------
