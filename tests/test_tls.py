@@ -448,8 +448,9 @@ def test_serve_without_socket_or_port_listens_nowhere(workdir, procs):
      "tls-verify-peer: needs --tls-certificates"),
     (["--tls", "sometimes"], "tls: 'sometimes' is not one of off, on, "
                              "require"),
+    (["--bind", "127.0.0.1"], "bind: needs --port"),
 ])
-def test_serve_refuses_guest_tls_options_that_cannot_work(args, says,
+def test_serve_refuses_guest_options_that_cannot_work(args, says,
                                                           workdir, procs):
     src = make_image(workdir / "src.img", SIZE)
     psk = psk_file(workdir)
