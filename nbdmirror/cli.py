@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 
-from . import endpoints, paths
+from . import endpoints, paths, tls
 from .job import JobError
 from .options import (JOB, NBDKIT, OPTIONS, PROXY, OptionError, ProxyOptions,
                       make_job_options, qmp_arguments, rows)
@@ -152,8 +152,18 @@ def serve(args):
             server[row.name] = row.parse(value)
         else:
             opts.set(row.key, value)
-    if "socket" in server and "port" in server:
-        raise Usage("socket, port: give one of them, not both")
+    if ("socket" in server) == ("port" in server):
+        raise Usage("socket, port: give one of them" + (
+            ", not both" if "socket" in server else
+            " (nbdkit would listen on TCP port 10809 on every address)"))
+    if "bind" in server and "port" not in server:
+        raise Usage("bind: needs --port")
+    try:
+        tls.check_guest(server.get("tls", "off"),
+                        server.get("tls-certificates"), server.get("tls-psk"),
+                        server.get("tls-verify-peer", False))
+    except ValueError as e:
+        raise Usage(str(e)) from None
     opts.check(guest_socket=server.get("socket"))
     for path in (server.get("socket"), opts.control):
         if path:
@@ -162,7 +172,9 @@ def serve(args):
     cmd = ["nbdkit"]
     for row in rows(NBDKIT):
         value = server.get(row.name, row.default)
-        if value is not None:
+        if value is True:               # a flag: nbdkit takes it bare
+            cmd.append(row.nbdkit)
+        elif value is not None and value is not False:
             cmd += [row.nbdkit, row.format(value)]
     serving = _Serving(server.get("socket"), opts.control)
     if args.foreground:

@@ -39,6 +39,8 @@ import time
 
 import nbd
 
+from . import tls
+
 POLL_INTERVAL = 0.25     # seconds between the I/O thread's timeout checks
 CLOSE_GRACE = 1.0        # seconds a polite disconnect may take at close
 
@@ -99,6 +101,7 @@ class NbdConnection:
         h = self.h
         deadline = time.monotonic() + timeout
         try:
+            tls.configure(h, self.uri)
             h.aio_connect_uri(self.uri)
             while h.aio_is_connecting():
                 left = deadline - time.monotonic()
@@ -116,7 +119,8 @@ class NbdConnection:
                                    f"the server closed the connection")
         except nbd.Error as e:
             _free(h)
-            reason = re.sub(r"^nbd_\w+: ", "", e.string or str(e))
+            reason = tls.explain(self.uri, re.sub(r"^nbd_\w+: ", "",
+                                                  e.string or str(e)))
             raise ConnectError(
                 f"cannot connect to {self.display}: {reason}") from None
         except BaseException:

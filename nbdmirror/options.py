@@ -27,7 +27,7 @@ import os
 import re
 import urllib.parse
 
-from . import paths
+from . import paths, tls
 from .sizes import short_size, to_bytes
 
 PROXY = "proxy"     # a setting of the proxy: plugin key and `serve` flag
@@ -208,6 +208,7 @@ class NbdUri(_Kind):
         if not is_nbd_uri(value):
             raise ValueError(f"{value!r} is not an NBD URI ("
                              f"{', '.join(s + '://' for s in NBD_SCHEMES)})")
+        tls.check_uri(value)
         return value
 
 
@@ -219,6 +220,7 @@ class Source(_Kind):
         if not isinstance(value, str) or not value:
             raise ValueError("expected a file path or an NBD URI")
         if is_nbd_uri(value):
+            tls.check_uri(value)
             return value
         path = os.path.abspath(value)
         if not os.path.exists(path):
@@ -319,10 +321,24 @@ OPTIONS = _table(
     Option("socket", Path(), None, "guest-facing unix socket", NBDKIT,
            nbdkit="-U"),
     Option("port", Int(1, 65535), None,
-           "guest-facing TCP port (without --socket or --port: 10809)", NBDKIT,
-           nbdkit="-p"),
-    Option("bind", Text("ADDR"), None, "guest-facing TCP address", NBDKIT,
+           "guest-facing TCP port; give --socket or --port (nothing listens "
+           "on TCP unless --port is given)", NBDKIT, nbdkit="-p"),
+    Option("bind", Text("ADDR"), None,
+           "guest-facing TCP address (default: every address)", NBDKIT,
            nbdkit="-i"),
+    Option("tls", Choice("off", "on", "require"), "off",
+           "guest-facing TLS: require refuses clients that do not start "
+           "TLS", NBDKIT, nbdkit="--tls"),
+    Option("tls-certificates", Path(), None,
+           "guest-facing TLS with X.509: a directory holding ca-cert.pem, "
+           "server-cert.pem and server-key.pem", NBDKIT,
+           nbdkit="--tls-certificates"),
+    Option("tls-psk", Path(), None,
+           "guest-facing TLS with pre-shared keys: a file of USER:HEXKEY "
+           "lines (psktool)", NBDKIT, nbdkit="--tls-psk"),
+    Option("tls-verify-peer", Flag(), False,
+           "guest-facing X.509: clients must show a certificate signed by "
+           "the CA", NBDKIT, nbdkit="--tls-verify-peer"),
     # nbdkit's default of 16 threads per connection makes Python's GIL the
     # bottleneck of guest reads: 4 read 1 GiB 1.3-1.5x faster (README).
     Option("threads", Int(1, 1024), 4,

@@ -152,16 +152,46 @@ def test_every_row_is_a_serve_flag(row, tmp_path, src):
     assert given is True if row.kind.flag else given == good(row, tmp_path)
 
 
+def companions(row, tmp_path):
+    """The other serve flags that `row` needs beside it: where the guest
+    connects (--socket, or --port for --bind), and for the guest TLS rows
+    TLS on with the files nbdkit will read."""
+    out = [] if row.name in ("socket", "port") else \
+        ["--port", "10809"] if row.name == "bind" else \
+        ["--socket", str(tmp_path / "g.sock")]
+    p = tmp_path / "p"      # good()'s path
+    if row.name == "tls-psk":
+        p.write_text("alice:00\n")
+    if row.name == "tls-certificates":
+        p.mkdir()
+        for name in ("server-cert.pem", "server-key.pem"):
+            (p / name).write_text("")
+    if row.name == "tls":               # good(): require
+        (tmp_path / "k.psk").write_text("alice:00\n")
+        out += ["--tls-psk", str(tmp_path / "k.psk")]
+    if row.name == "tls-verify-peer":
+        d = tmp_path / "certs"
+        d.mkdir()
+        for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+            (d / name).write_text("")
+        out += ["--tls", "require", "--tls-certificates", str(d)]
+    if row.name in ("tls-psk", "tls-certificates"):
+        out += ["--tls", "on"]
+    return out
+
+
 @pytest.mark.parametrize("row", ALL, ids=str)
 def test_every_serve_flag_reaches_nbdkit_or_the_plugin(row, tmp_path, src,
                                                        monkeypatch):
     """serve, up to the nbdkit command it would run: an nbdkit row becomes
-    nbdkit's flag, any other the plugin key, with the parsed value."""
+    nbdkit's flag (a bare one for a flag), any other the plugin key, with
+    the parsed value."""
     ran = []
     monkeypatch.setattr(cli, "_run_foreground",
                         lambda cmd, serving: ran.append(cmd) or 0)
     value = good(row, tmp_path)
     rc = cli.main(serve_args(src, tmp_path, "--foreground", "--target", TGT,
+                             *companions(row, tmp_path),
                              *([row.flag] if row.kind.flag
                                else [row.flag, value])))
     if row.name == "bitmap":        # refused until persistent bitmaps land
@@ -170,7 +200,9 @@ def test_every_serve_flag_reaches_nbdkit_or_the_plugin(row, tmp_path, src,
     assert rc == 0 and len(ran) == 1
     cmd, parsed = ran[0], row.parse(value if not row.kind.flag else True)
     assert cmd[0] == "nbdkit" and cli.PLUGIN in cmd
-    if row.scope == NBDKIT:
+    if row.scope == NBDKIT and row.kind.flag:
+        assert row.nbdkit in cmd
+    elif row.scope == NBDKIT:
         i = cmd.index(row.nbdkit)
         assert cmd[i + 1] == row.format(parsed)
     else:
