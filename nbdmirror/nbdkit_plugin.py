@@ -73,7 +73,7 @@ def config(key, value):
 def config_complete():
     global _proxy
     try:
-        _proxy = Proxy(_options, shutdown=nbdkit.shutdown)
+        _proxy = Proxy(_options, shutdown=_exit_now)
         _proxy.preflight()
     except (OptionError, EndpointError, JobError) as e:
         _say(e)
@@ -88,6 +88,15 @@ def after_fork():
         _pidfile.create()
     Signals(lambda sig: _proxy.request_shutdown()).install()
     _proxy.start()
+
+
+def _exit_now():
+    """quit / a signal, once the job ended: clean up, then end the process
+    without waiting for guests to hang up (lifecycle.py says why)."""
+    cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cleanup():
