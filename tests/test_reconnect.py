@@ -143,3 +143,26 @@ def test_force_cancel_while_reconnecting_ends_within_5s(workdir, procs, qmp):
     rig.log.wait("BLOCK_JOB_CANCELLED", timeout=5)
     assert time.monotonic() - t0 < 5
     assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
+
+
+def test_force_cancel_during_a_stalled_reconnect_ends_within_5s(
+        workdir, procs, qmp):
+    """The target stops (SIGSTOP): requests time out, the connection is
+    dropped, and reconnecting hangs in the handshake (connect-timeout 30 s)
+    until a force cancel abandons it."""
+    import time
+    rig = Rig(workdir, procs, qmp, speed="16M", io_timeout=1,
+              connect_timeout=30, reconnect_delay=60)
+    wait_copied(rig, 4 * MiB)
+    proc = next(p for p in procs.procs if p.name == "qemu-nbd")
+    procs.kill(proc, signal.SIGSTOP)
+    try:
+        rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+        t0 = time.monotonic()
+        ok(qmp_execute(rig.log.client, "block-job-cancel", device="mirror0",
+                       force=True))
+        rig.log.wait("BLOCK_JOB_CANCELLED", timeout=5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        procs.kill(proc, signal.SIGCONT)
+    assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
