@@ -6,9 +6,9 @@
         ...
         net.run(proxy, ["ip", "link"])   # a command inside a host
 
-Each host is a namespace with only loopback and its veth ends; addresses
-are IPv6 ULA (fd00::/8) added with `nodad`, so they work at once.  Nothing
-reaches outside these namespaces.  Processes started in a host go through
+Each host is a namespace with only loopback and its veth ends, with
+private addresses (10.<link>.0.1 and .2) that exist only inside these
+namespaces: nothing reaches outside them.  Processes started in a host go through
 the caller's `procs` registry (`net.start(procs, host, args)`), so they are
 killed by pid at teardown; the namespaces are deleted after that.
 
@@ -71,16 +71,18 @@ class Network:
 
     def link(self, a, b):
         """A veth pair between hosts a and b; returns (addr_a, addr_b, dev_a,
-        dev_b): fd00:0:<k>::1 on a, ::2 on b."""
+        dev_b): 10.<k>.0.1 on a, 10.<k>.0.2 on b."""
         self._links += 1
         k = self._links
         dev_a, dev_b = f"v{k}a{os.getpid() % 10000}", f"v{k}b{os.getpid() % 10000}"
         _ip("link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
         _ip("link", "set", dev_a, "netns", a)
         _ip("link", "set", dev_b, "netns", b)
-        addr_a, addr_b = f"fd00:0:{k}::1", f"fd00:0:{k}::2"
+        # IPv4: libnbd 1.14 sends an IPv6 literal as the TLS server name
+        # (SNI), which GnuTLS servers refuse.
+        addr_a, addr_b = f"10.{k}.0.1", f"10.{k}.0.2"
         for ns, dev, addr in ((a, dev_a, addr_a), (b, dev_b, addr_b)):
-            _ip("-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad", ns=ns)
+            _ip("addr", "add", f"{addr}/24", "dev", dev, ns=ns)
             _ip("link", "set", dev, "up", ns=ns)
         return addr_a, addr_b, dev_a, dev_b
 

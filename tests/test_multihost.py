@@ -1,7 +1,7 @@
 """Across hosts: guest, proxy and target each in a network namespace of
 their own, joined by veth pairs; the guest attaches over TCP, the proxy
-mirrors over TCP, and the link to the target is cut mid-copy and after
-ready.  The job must recover, copy again only what was dirty or in flight,
+mirrors over TCP with TLS (a pre-shared key), and the link to the target
+is cut mid-copy and after ready.  The job must recover, copy again only what was dirty or in flight,
 and pivot to a target that holds exactly what the guest wrote.
 """
 
@@ -15,11 +15,13 @@ import pytest
 from helpers import (EventLog, REPO, make_image, nbdmirror_env, ok,
                      qmp_execute, random_bytes, wait_for_socket)
 from netns import Network
+from tlsfiles import psk_file, qemu_psk_dir
 
 MiB = 1 << 20
 SIZE = 64 * MiB
 BUF = 4 * MiB
 CUT = 3.0           # seconds a link stays down (the scenario, not a wait)
+USER = "proxy1"     # the pre-shared key's user name
 
 
 class Hosts:
@@ -30,14 +32,27 @@ class Hosts:
         _, self.target_addr, self.proxy_dev, _ = net.link(self.proxy,
                                                           self.target)
 
-    def serve_target(self, image):
-        self.net.start(self.procs, self.target,
-                       ["qemu-nbd", "-f", "raw", "-t", "-e", "0", "-b",
-                        self.target_addr, "-p", "10809", image],
+    def serve_target(self, image, tls=False):
+        """qemu-nbd in the target host over TCP (with tls: requiring TLS
+        with a pre-shared key); returns the URI the proxy uses."""
+        args = ["qemu-nbd", "-f", "raw", "-t", "-e", "0", "-b",
+                self.target_addr, "-p", "10809"]
+        uri = f"nbd://{self.target_addr}:10809/"
+        probe = ["nbdinfo", "--size", uri]
+        if tls:
+            psk = psk_file(self.workdir, USER)
+            qdir = qemu_psk_dir(self.workdir / "qemu-psk", psk)
+            args += ["--object",
+                     f"tls-creds-psk,id=tls0,dir={qdir},endpoint=server",
+                     "--tls-creds", "tls0"]
+            uri = (f"nbds://{self.target_addr}:10809/?tls-psk-file={psk}"
+                   f"&tls-username={USER}")
+            probe = ["nbdinfo", "--size",
+                     f"nbds://{USER}@{self.target_addr}:10809/"
+                     f"?tls-psk-file={psk}"]
+        self.net.start(self.procs, self.target, args + [image],
                        name="qemu-nbd")
-        uri = f"nbd://[{self.target_addr}]:10809/"
-        self.poll(lambda: self.net.run(self.proxy, ["nbdinfo", "--size",
-                                                    uri]).returncode == 0,
+        self.poll(lambda: self.net.run(self.proxy, probe).returncode == 0,
                   "the target to listen")
         return uri
 
@@ -51,7 +66,7 @@ class Hosts:
         proc = self.net.start(self.procs, self.proxy, args, name="nbdmirror",
                               env=nbdmirror_env(), cwd=REPO)
         wait_for_socket(str(control), 20, proc)
-        return control, f"nbd://[{self.proxy_addr}]:10809/"
+        return control, f"nbd://{self.proxy_addr}:10809/"
 
     def guest_write(self, uri, shadow, *writes):
         cmds = []
@@ -94,12 +109,12 @@ def hosts(procs, workdir):
             procs.stop_all()         # before the namespaces go
 
 
-def test_mirror_across_hosts_survives_link_cuts_and_pivots(hosts, workdir,
-                                                           qmp):
+def test_mirror_across_hosts_over_tls_survives_link_cuts_and_pivots(
+        hosts, workdir, qmp):
     src = make_image(workdir / "src.img", SIZE, seed=11)
     shadow = bytearray(random_bytes(11, SIZE))
     tgt_img = make_image(workdir / "tgt.img", SIZE)
-    target = hosts.serve_target(tgt_img)
+    target = hosts.serve_target(tgt_img, tls=True)
     control, guest_uri = hosts.serve_proxy(
         src, target, speed="16M", buf_size="4M", io_timeout=1,
         reconnect_delay=30)
