@@ -506,7 +506,19 @@ def set_speed(args):
 
 def verify(args):
     a = endpoints.open_endpoint(_spec(args.a), readonly=True)
-    b = endpoints.open_endpoint(_spec(args.b), readonly=True)
+    try:
+        b = endpoints.open_endpoint(_spec(args.b), readonly=True)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        return _compare(a, b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _compare(a, b):
     if a.size != b.size:
         print(f"sizes differ: {a.size} != {b.size}")
         return 1
@@ -526,11 +538,11 @@ def verify(args):
 
 
 def _spec(spec):
-    if endpoints.is_nbd_uri(spec):
-        return spec
-    if not os.path.exists(spec):
-        raise Failure(f"{spec}: no such file")
-    return os.path.abspath(spec)
+    """A file path (made absolute) or an NBD URI, as --source takes it."""
+    try:
+        return OPTIONS["source"].kind.parse(spec)
+    except ValueError as e:
+        raise Failure(str(e)) from None
 
 
 COMMANDS = {"serve": serve, "status": status, "watch": watch, "events": events,
