@@ -84,7 +84,7 @@ class NbdConnection:
         for ctx in contexts:
             self.h.add_meta_context(ctx)
         self._connect(connect_timeout, give_up)
-        self._lock = threading.Lock()   # guards the five below
+        self._lock = threading.Lock()   # guards the six below and _thread
         self._pending = {}              # key -> submit time, oldest first
         self._submitting = 0            # submit() calls inside issue()
         self._closing = False           # close() began: submit() refuses
