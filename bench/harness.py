@@ -71,7 +71,7 @@ class Bench:
         self._n += 1
         return self.path(f"{name}{self._n}.sock")
 
-    # -- lifetime --------------------------------------------------------------
+    # -- lifetime -------------------------------------------------------------
 
     def stop(self, proc):
         """Stop one process now; close() will not look at its pid again."""
@@ -112,7 +112,7 @@ class Bench:
             if self._shm:
                 shutil.rmtree(self._shm, ignore_errors=True)
 
-    # -- servers: each returns (uri, proc) ----------------------------------------
+    # -- servers: each returns (uri, proc) ------------------------------------
 
     def qemu_nbd(self, image, *extra):
         uri = qemu_nbd(self.procs, image, self.sock("qnbd"), extra=extra,
@@ -195,7 +195,7 @@ class Bench:
         self.clients.append(qmp)
         return proc, qmp, EventLog(qmp)
 
-    # -- tools -------------------------------------------------------------------
+    # -- tools ----------------------------------------------------------------
 
     def run(self, args, timeout=None):
         """Run a tool to its end; return (seconds, its output)."""
@@ -451,7 +451,7 @@ def qemu_mirror_to_ready(bench, source, target_uri):
     return {"qemu-start": t2 - t0, "qemu-job": t2 - t1}
 
 
-# -- fio -----------------------------------------------------------------------
+# -- fio ----------------------------------------------------------------------
 
 class FioRun:
     """fio's nbd engine against `uri`, started at once and time based:

@@ -75,8 +75,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import (GiB, KiB, MiB, TiB, Bench, BenchError,  # noqa: E402
                      HarnessError, allocated, command, copy_prefix, end_job,
-                     fio_iops, frozen, fio_max_latency_ms, fio_percentile_ms, log,
-                     make_random, make_sparse, mirror_to_ready, peak_rss,
+                     fio_iops, fio_max_latency_ms, fio_percentile_ms, frozen,
+                     log, make_random, make_sparse, mirror_to_ready, peak_rss,
                      proxy_pids, qemu_mirror, qemu_mirror_start,
                      qemu_mirror_to_ready, qemu_wait_ready, ready_since_start,
                      stamp, start_mirror, turns, wait_job_ready, wait_ready)
@@ -274,7 +274,7 @@ def time_to_ready(ctx):
             first += 4
 
 
-# -- B: guest I/O ---------------------------------------------------------------
+# -- B: guest I/O -------------------------------------------------------------
 
 STATES = (("no job", None, 0.8), ("ready background", "background", 0.7),
           ("ready write-blocking", "write-blocking", 0.5))
@@ -387,7 +387,7 @@ def window_iops(fio, t0, t1, ddir):
     return iops
 
 
-# -- C: pivot ---------------------------------------------------------------------
+# -- C: pivot -----------------------------------------------------------------
 
 def across_pivot(ctx, uri, complete):
     """fio 4K randrw iodepth 4 on `uri`; complete() a third into the run.
@@ -450,7 +450,7 @@ def pivot(ctx):
                      f"median {median(data[f'{who} took']) * 1000:.0f} ms")
 
 
-# -- D: convergence under a saturating writer --------------------------------------
+# -- D: convergence under a saturating writer ---------------------------------
 
 def convergence(ctx):
     b, s = ctx.bench, ctx.sizes
@@ -526,7 +526,7 @@ def ready_or_cap(bench, proxy, t0, cap):
         return math.inf, time.time()
 
 
-# -- E: scale ---------------------------------------------------------------------
+# -- E: scale -----------------------------------------------------------------
 
 def scale_rows(ctx, first, virt, data_size):
     b = ctx.bench
@@ -591,7 +591,7 @@ def scale(ctx):
         first += 4
 
 
-# -- F: remote targets ----------------------------------------------------------------
+# -- F: remote targets --------------------------------------------------------
 
 def slow_target(ctx):
     b, s = ctx.bench, ctx.sizes
@@ -674,7 +674,7 @@ def wait_offset(proxy, offset, timeout):
         time.sleep(0.005)
 
 
-# -- the run -------------------------------------------------------------------------
+# -- the run ------------------------------------------------------------------
 
 SECTIONS = {"A": [time_to_ready], "B": [guest_io, reads_during_copy],
             "C": [pivot], "D": [convergence], "E": [scale],
