@@ -22,8 +22,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from helpers import (EventLog, HarnessError, Processes,  # noqa: E402
-                     make_image, nbdkit_server, nbdmirror_env, qemu_img,
-                     qemu_nbd, qmp_connect, qmp_execute, start_proxy,
+                     make_image, nbdkit_server, nbdmirror_env, qemu_nbd, qmp_connect, qmp_execute, start_proxy,
                      wait_for_socket)
 from servers import frozen  # noqa: E402,F401 - SIGSTOP for a while
 
@@ -567,12 +566,10 @@ def make_random(path, size):
     make_image(path, size, seed=1, fsync=True)
 
 
-def make_sparse(path, size, data, create="truncate"):
-    """`data` bytes in 1 MiB pieces spread evenly over `size`; with
-    create="qemu-img" the file is made by `qemu-img create -f raw`."""
-    if create == "qemu-img":
-        qemu_img("create", "-q", "-f", "raw", path, str(size))
-    else:
+def make_sparse(path, size, data):
+    """`data` bytes in 1 MiB pieces spread evenly over a sparse `size`;
+    an existing file (e.g. from `qemu-img create -f raw`) is kept."""
+    if not os.path.exists(path):
         with open(path, "wb") as f:
             f.truncate(size)
     rng = random.Random(2)

@@ -543,7 +543,8 @@ def scale_rows(ctx, first, virt, data_size):
                     base_name="source", aim=Aim("<=", 1.05))
     with section(ctx, [rss, t_file, t_nbd, alloc]):
         src = b.shm_path("sparse.img")
-        make_sparse(src, virt, data_size, create="qemu-img")
+        b.run(["qemu-img", "create", "-q", "-f", "raw", src, str(virt)])
+        make_sparse(src, virt, data_size)
         src_uri, src_proc = b.qemu_nbd(src)
 
         def serve(kind):
