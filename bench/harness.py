@@ -190,7 +190,13 @@ class Bench:
              "--chardev", f"socket,id=qmp0,path={qmp_sock},server=on,wait=off",
              "--monitor", "chardev=qmp0"], name="qemu-storage-daemon")
         wait_for_socket(qmp_sock, WAIT, proc)
-        qmp = qmp_connect(qmp_sock, timeout=30)
+        try:
+            qmp = qmp_connect(qmp_sock, timeout=30)
+        except Exception as e:      # noqa: BLE001 - e.g. the daemon died
+            time.sleep(0.2)         # its last words into the log
+            raise BenchError(f"qemu-storage-daemon: no QMP session ({e!r}),"
+                             f" exit status {proc.poll()}; its log: "
+                             f"{self.procs.output(proc)[-500:]}") from None
         self.clients.append(qmp)
         return proc, qmp, EventLog(qmp)
 

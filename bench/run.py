@@ -69,6 +69,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +188,10 @@ def section(ctx, rows):
     with ctx.bench.scope():
         try:
             yield
-        except BenchError as e:
+        except Exception as e:      # noqa: BLE001 - the next section runs
+            if not isinstance(e, BenchError):
+                traceback.print_exc()
+                e = f"{type(e).__name__}: {e}"
             for r in rows:
                 if not r.ours and not r.error:
                     r.error = str(e)
