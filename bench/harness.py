@@ -445,7 +445,8 @@ def qemu_wait_ready(bench, proc, events, timeout=None):
 
 def qemu_mirror_to_ready(bench, source, target_uri):
     """{"qemu-start": seconds from starting the daemon to READY,
-    "qemu-job": from blockdev-mirror to READY}."""
+    "qemu-job": from blockdev-mirror to READY, "qemu-up": from starting
+    the daemon to QMP answering}."""
     t0 = time.monotonic()
     proc, qmp, events, _ = qemu_mirror(bench, source, target_uri)
     t1 = time.monotonic()
@@ -453,7 +454,7 @@ def qemu_mirror_to_ready(bench, source, target_uri):
     qemu_wait_ready(bench, proc, events)
     t2 = time.monotonic()
     bench.stop_qsd(proc, qmp)
-    return {"qemu-start": t2 - t0, "qemu-job": t2 - t1}
+    return {"qemu-start": t2 - t0, "qemu-job": t2 - t1, "qemu-up": t1 - t0}
 
 
 # -- fio ----------------------------------------------------------------------

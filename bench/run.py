@@ -235,9 +235,10 @@ def copy_rows(ctx, first, src_kind, tgt_kind):
                 with b.target(tgt_kind, s.data) as (tgt, _):
                     t0 = time.monotonic()
                     p = b.proxy(source, target=tgt, checkout=c)
+                    up = time.monotonic() - t0
                     t = ready_since_start(b, p, t0, b.timeout)
                     b.stop_proxy(p)
-                return {series("serve", c): t}
+                return {series("serve", c): t, series("serve-up", c): up}
             return run
 
         def mirror(c):
@@ -263,6 +264,12 @@ def copy_rows(ctx, first, src_kind, tgt_kind):
         data = turns(b.runs, sides)
         for (ours, base), row in rows.items():
             fill(row, data, ours, base)
+        rows[("serve", "nbdcopy")].note(
+            f"of which start-up (serve to its sockets and QMP answering): "
+            f"median {median(data['serve-up']):.2f} s")
+        rows[("serve", "qemu-start")].note(
+            f"QEMU: the daemon's start to QMP answering: median "
+            f"{median(data['qemu-up']):.2f} s")
         own = data.get("mirror-own")
         if own:
             rows[("mirror", "nbdcopy")].note(
@@ -639,8 +646,17 @@ def target_cut(ctx):
         disk = b.path("cut.img")
         copy_prefix(ctx.random_file(), disk, s.cut_disk)
         proxy = b.proxy(disk, io_timeout=1)
+        failed = []
 
         def run():
+            try:
+                return cut_once()
+            except BenchError as e:     # the next run may still work
+                failed.append(str(e))
+                log(f"F2: {e}")
+                return {}
+
+        def cut_once():
             with b.target("file", s.cut_disk) as (tgt, _):
                 target_proc = b.procs.procs[-1]
                 t0 = time.monotonic()
@@ -658,6 +674,11 @@ def target_cut(ctx):
                     "reconnects": len(back),
                     "down": sum(e["data"]["downtime"] for e in back)}
         data = turns(b.runs, {"cut": run})
+        if failed:
+            row.error = (f"{len(failed)} of {b.runs} runs failed; the "
+                         f"first: {failed[0]}")
+        if not data:
+            return
         fill(row, data, "recopy")
         row.note(f"cut at {median(data['cut at']):.0f} % copied; ready "
                  f"after median {median(data['took']):.2f} s; reconnects "

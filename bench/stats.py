@@ -148,6 +148,7 @@ def print_table(rows, title, compare=False, out=print):
     for r in rows:
         if r.error:
             out(f"{r.key} error: {r.error}")
+        if not r.ours:
             continue
         runs = f"{r.key} runs: nbdmirror [{samples_text(r.ours, r.unit)}]"
         if r.before is not None:
