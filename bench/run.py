@@ -245,7 +245,7 @@ def copy_rows(ctx, first, src_kind, tgt_kind):
             def run():
                 with b.target(tgt_kind, s.data) as (tgt, _):
                     out = mirror_to_ready(b, proxies[c], tgt)
-                return {series(k, c): v for k, v in out.items()}
+                return {series(name, c): v for name, v in out.items()}
             return run
 
         def nbdcopy():
