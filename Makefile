@@ -16,7 +16,7 @@ ARGS ?=
 DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
 	qemu-utils python3-venv python3-pip python3-bitarray python3-tqdm \
 	python3-pytest python3-pytest-timeout qemu-system-x86 qemu-system-common \
-	gnutls-bin
+	gnutls-bin fio
 
 .PHONY: setup debs test test-all demo bench clean
 

@@ -7,7 +7,7 @@
 Runs the copier (scan, copy until converged, flush) outside nbdkit, with
 copier.REQUEST_SIZE set to each --request size in turn (KiB; default 1024
 512 256), against `nbdcopy --flush` between the same servers, the sides
-taking turns.  Cases (the shapes of bench/run.py's a1, a2 and c1):
+taking turns.  Cases:
 
   dense-file   1 GiB random raw file        -> nbdkit memory
   dense-nbd    the same file behind qemu-nbd -> nbdkit memory
@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from run import GiB, MiB, Bench, BenchError, Sizes, make_random, make_sparse
+from harness import GiB, MiB, Bench, BenchError, make_random, make_sparse
 
 import nbdmirror.copier as copier
 from nbdmirror.bitmap import DirtyBitmap
@@ -63,7 +63,7 @@ def main(argv=None):
     ap.add_argument("--cases", default="dense-file,dense-nbd,sparse")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
-    bench = Bench(Sizes(GiB, 64 * GiB, 256 * MiB, timeout=300), args.runs)
+    bench = Bench(args.runs, timeout=300)
     try:
         dense = bench.path("random.img")
         make_random(dense, GiB)

@@ -28,7 +28,7 @@ import os
 import resource
 import sys
 
-from run import MiB, Bench, BenchError, Sizes, make_random
+from harness import MiB, Bench, BenchError, make_random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -71,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args(argv)
     size = args.size * MiB
-    bench = Bench(Sizes(size, 0, 0, timeout=300), args.runs)
+    bench = Bench(args.runs, timeout=300)
     try:
         img = bench.path("random.img")
         make_random(img, size)

@@ -1,479 +1,806 @@
-"""nbdmirror benchmark: the proxy against nbdcopy and direct reads.
+"""nbdmirror benchmark: the proxy against nbdcopy, QEMU's own mirror and
+qemu-nbd.
 
     .venv/bin/python bench/run.py [--quick] [--runs N] [--strict]
+                                  [--compare OTHER_CHECKOUT] [--only A,B]
     make bench
 
-One invocation measures, on the same servers, each pair below (best of N
-runs) and prints them with their ratio and the project's aim:
+Every row is the MEDIAN of N runs (--runs, default 3; 2 with --quick)
+with its spread [min-max];
+the sides of a row take turns, the order reversing every run (A B, B A,
+...), and a ratio is one of medians.  The load average is printed: other
+work on the machine skews the figures.  Sections (--only picks some):
 
-  a. time to ready for a random-data source with an idle guest:
-     drive-mirror on a running proxy until BLOCK_JOB_READY, against
-     `nbdcopy --flush` from the same source; the target is a fresh
-     `nbdkit memory` for every run.  Two sources: the raw file served by
-     the proxy itself (nbdcopy reads the same file), and that file behind
-     qemu-nbd (both read the same qemu-nbd URI).       aim: ratio <= 1.2
-  b. guest sequential read throughput, `nbdcopy --request-size=R URI
-     null:` through the idle proxy (`serve`'s default 4 threads), against
-     reading the source directly: for the file source qemu-nbd on the same
-     file (aim: >= 0.8) and, for scale, nbdkit's C file plugin; for the
-     NBD source the same qemu-nbd.  R = 1 MiB (b1-b3) and nbdcopy's default
-     256 KiB (b4-b6): the proxy's cost is per request.
-  c. a sparse source (64 GiB virtual, 256 MiB of data) behind qemu-nbd,
-     target qemu-nbd on a fresh sparse raw file: nbdmirror's time to ready
-     against nbdcopy's between the same servers (aim <= 1.0), and the
-     target's allocated bytes against the source's (aim <= 1.05).
+  A  time to ready, random data (2 GiB), an idle guest, a fresh target per
+     run: `nbdmirror serve --target` from its start to BLOCK_JOB_READY
+     (what a user sees) and drive-mirror on a running proxy to READY,
+     against `nbdcopy --flush` and against QEMU's mirror
+     (qemu-storage-daemon 7.2, source and target as --blockdev nodes, QMP
+     blockdev-mirror sync=full to BLOCK_JOB_READY; from starting the daemon
+     and from blockdev-mirror).  Sources: the raw file, and the file behind
+     qemu-nbd; targets: `nbdkit memory`, qemu-nbd on a fresh raw file.
+                                              aim: ratio <= 1.0
+  B  guest I/O with fio's nbd engine (4 KiB random, iodepth 16, 512 MiB
+     file) through the proxy against qemu-nbd serving the same file: no job
+     (aim >= 0.8), a ready background job (>= 0.7), a ready write-blocking
+     job (>= 0.5); sequential reads (nbdcopy URI null:, 256 KiB requests);
+     and 4 KiB random reads while the copy of section A's file runs against
+     the same reads with no job (>= 0.5), from fio's IOPS log within the
+     copy's wall-clock window.
+  C  the longest guest request across a pivot: fio 4 KiB randrw, iodepth
+     4, while block-job-complete runs, against the same through QEMU's
+     mirror (qemu-storage-daemon exporting its mirror source node over NBD
+     to fio; job-complete).                     aim: <= 50 ms
+  D  convergence under a saturating writer (fio 64 KiB random writes,
+     iodepth 16) per copy mode: time to ready (capped: DNC = did not
+     converge) against the same job with an idle guest, and the guest's
+     write throughput during the job against no job.
+                                  aim: write-blocking converges
+  E  scale: sparse raw sources (qemu-img create, on tmpfs: ext4 stops at
+     16 TiB) of 1 TiB and 16 TiB with some data, 64 KiB granularity:
+     the proxy's peak RSS (VmHWM of its nbdkit process; aim <= 200 MiB at
+     16 TiB) and time to ready from `serve --target` (file source, and the
+     file behind qemu-nbd) against nbdcopy from qemu-nbd (aim <= 1.0 at
+     16 TiB; nbdcopy from the file path spends ~50 s in mincore() over the
+     holes), target qemu-nbd on a sparse file; its allocation against the
+     source's (aim <= 1.05).
+  F  remote targets: time to ready through a target with 10 ms per request
+     (nbdkit memory with the delay filter, rdelay=10ms wdelay=10ms, and
+     enough threads (-t 128) that the delay models the link, not a busy
+     server) against nbdcopy over the same target (aim <= 1.0); bytes
+     re-copied after one 3-second cut of the target (qemu-nbd SIGSTOPped
+     mid-copy, proxy --io-timeout 1: the job reconnects), as BLOCK_JOB_READY
+     offset minus the disk size against the disk (aim <= 5 %).
 
-nbdcopy gets --flush because `ready` includes a target flush.  For the
-time-to-ready rows the runs line also shows the proxy's own view (the
-`created` and BLOCK_JOB_READY event time stamps), which excludes QMP.
-The load average is printed: other work on the machine skews the figures,
-hence best of N with the two sides taking turns to go first.
+--compare DIR runs the nbdmirror side of sections A and B for DIR's
+checkout too (PYTHONPATH=DIR), taking turns with this one, and prints
+both ("before" = DIR); the other sections are not run then.
 
-With --quick the sizes shrink (64 MiB; 4 GiB virtual with 16 MiB of data)
-for a smoke test.  Exit status: 0 when every measurement ran (aims missed
-or not; with --strict, 1 when an aim is missed), 1 when one failed.
+With --quick the sizes shrink (64 MiB; fio 1 s) for a smoke test.  Exit
+status: 0 when every measurement ran (aims missed or not; with --strict, 1
+when an aim is missed), 1 when one failed.
 """
 
 import argparse
+import contextlib
+import math
 import os
-import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass
 
-MiB, GiB = 1 << 20, 1 << 30
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import (EventLog, HarnessError, Processes,  # noqa: E402
-                     make_image, nbdkit_server, nbdmirror_env, qemu_nbd,
-                     qmp_connect, qmp_execute, run_tool, start_proxy)
-
-# The helpers' failures (a server that does not start, a QMP timeout) are
-# the bench's too: a row that hits one shows it as its error.
-BenchError = HarnessError
-WAIT = 30                   # seconds a server may take to start
+from harness import (GiB, KiB, MiB, TiB, Bench, BenchError,  # noqa: E402
+                     HarnessError, allocated, command, copy_prefix, end_job,
+                     fio_iops, fio_max_latency_ms, fio_percentile_ms, frozen,
+                     log, make_random, make_sparse, mirror_to_ready, peak_rss,
+                     proxy_pids, qemu_mirror, qemu_mirror_start,
+                     qemu_mirror_to_ready, qemu_wait_ready, ready_since_start,
+                     stamp, start_mirror, turns, wait_job_ready, wait_ready)
+from stats import Aim, Row, median, print_table  # noqa: E402
 
 
 @dataclass
 class Sizes:
-    data: int               # random-data source (a, b)
-    sparse: int             # virtual size of the sparse source (c)
-    sparse_data: int        # data in it, in 1 MiB pieces spread evenly
+    data: int               # random-data source (A, B reads during copy, F)
+    fio_file: int           # the guest's disk for fio (B, C, D)
+    fio_runtime: float      # seconds per fio IOPS run (B)
+    pivot_runtime: float    # seconds of fio around a pivot (C)
+    cap: float              # seconds a job may take to converge (D)
+    window: float           # seconds of fio with no job (B reads, D)
+    scale: tuple            # ((virtual size, data), ...) (E)
+    cut_disk: int           # disk of the target-cut job (F)
     timeout: float          # seconds one copy may take
 
 
-FULL = Sizes(data=1 * GiB, sparse=64 * GiB, sparse_data=256 * MiB, timeout=300)
-QUICK = Sizes(data=64 * MiB, sparse=4 * GiB, sparse_data=16 * MiB, timeout=60)
+FULL = Sizes(data=2 * GiB, fio_file=512 * MiB, fio_runtime=5,
+             pivot_runtime=4, cap=60, window=3,
+             scale=((TiB, 64 * MiB), (16 * TiB, GiB)), cut_disk=GiB,
+             timeout=300)
+QUICK = Sizes(data=64 * MiB, fio_file=64 * MiB, fio_runtime=1,
+              pivot_runtime=2, cap=5, window=1,
+              scale=((TiB, 16 * MiB), (16 * TiB, 64 * MiB)), cut_disk=64 * MiB,
+              timeout=60)
+
+LEAD = 0.5          # seconds fio runs before the measured window starts
+BEFORE = "@before"  # suffix of the --compare checkout's series
 
 
-class Interrupted(BaseException):
-    pass
+def size_text(n):
+    for unit, name in ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB")):
+        if n >= unit:
+            return f"{n / unit:g} {name}"
+    return f"{n} B"
 
 
-# -- servers -----------------------------------------------------------------
+class Context:
+    """What the sections share: the bench, sizes, rows and images."""
 
-class Bench:
-    """The temp dir and every process and QMP client started in it.
-
-    Processes are tests/helpers.py's registry: each child in its own
-    session, logged here, stopped by pid by close() (SIGTERM, then SIGKILL).
-    """
-
-    def __init__(self, sizes, runs):
-        self.sizes, self.runs = sizes, runs
-        self.dir = tempfile.mkdtemp(prefix="nbdm-bench-", dir="/tmp")
-        self.procs = Processes(self.dir)
-        self.clients = []        # QMP clients, closed before the servers
-        self._n = 0
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def sock(self, name):
-        self._n += 1
-        return self.path(f"{name}{self._n}.sock")
-
-    def stop(self, proc):
-        """Stop one process now; close() will not look at its pid again."""
-        self.procs.stop(proc, forget=True)
-
-    def close(self):
-        try:
-            for client in self.clients:
-                close_quietly(client)
-            self.procs.stop_all()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    # servers: each returns (uri, proc)
-    def qemu_nbd(self, image):
-        uri = qemu_nbd(self.procs, image, self.sock("qnbd"), timeout=WAIT)
-        return uri, self.procs.procs[-1]
-
-    def nbdkit(self, *args):
-        uri = nbdkit_server(self.procs, self.sock("nbdkit"), *args,
-                            timeout=WAIT)
-        return uri, self.procs.procs[-1]
-
-    def proxy(self, source):
-        """`nbdmirror serve --foreground` without a target: a helpers.Proxy
-        (.proc, .uri) with a connected QMP client in .qmp.  It runs this
-        checkout's package, unless PYTHONPATH names another one."""
-        proxy = start_proxy(self.procs, source, self.sock("guest"),
-                            self.sock("qmp"), timeout=WAIT, cwd=self.dir,
-                            env=nbdmirror_env(repo_first=False))
-        proxy.qmp = qmp_connect(proxy.control, timeout=30)
-        self.clients.append(proxy.qmp)
-        return proxy
-
-    def tool(self, args, timeout=None):
-        """Run a tool to the end; return its wall time in seconds."""
-        t0 = time.monotonic()
-        r = run_tool(args, timeout or self.sizes.timeout)
-        t = time.monotonic() - t0
-        if r.returncode != 0:
-            raise BenchError(f"{' '.join(args)} exited {r.returncode}: "
-                             f"{r.stdout}{r.stderr}")
-        return t
-
-
-def close_quietly(client):
-    try:
-        client.close()
-    except Exception:       # noqa: BLE001 - the server may be gone
-        pass
-
-
-def command(client, name, **args):
-    """The `return` of QMP command `name`; BenchError on an error reply."""
-    reply = qmp_execute(client, name, **args)
-    if "error" in reply:
-        raise BenchError(f"{name}: {reply['error'].get('desc')}")
-    return reply["return"]
-
-
-# -- measurements ------------------------------------------------------------
-
-@dataclass
-class Row:
-    key: str
-    what: str
-    ours: list = field(default_factory=list)      # samples, nbdmirror
-    base: list = field(default_factory=list)      # samples, baseline
-    unit: str = "s"        # "s" (lower is better), "MB/s", "MiB"
-    aim: tuple = None      # ("<=" | ">=", value)
-    error: str = None
-    note: str = ""
-    server: list = field(default_factory=list)    # nbdmirror's own view
-
-    def best(self, samples):
-        if not samples:
-            return None
-        return min(samples) if self.unit in ("s", "MiB") else max(samples)
+    def __init__(self, bench, sizes):
+        self.bench, self.sizes = bench, sizes
+        self.rows = []
+        self.loads = []
+        self._images = {}
 
     @property
-    def ratio(self):
-        o, b = self.best(self.ours), self.best(self.base)
-        return None if o is None or not b else o / b
+    def compare(self):
+        return self.bench.other is not None
 
-    @property
-    def verdict(self):
-        if self.error:
-            return "ERROR"
-        r = self.ratio
-        if r is None or self.aim is None:
-            return ""
-        op, v = self.aim
-        return "ok" if (r <= v if op == "<=" else r >= v) else "MISS"
+    def checkouts(self):
+        """None (this checkout) and, with --compare, the other one."""
+        return [None] + ([self.bench.other] if self.compare else [])
 
-
-ENDED = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
-
-
-def stamp(ev):
-    return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
-
-
-def mirror_to_ready(bench, row, proxy, target_uri):
-    """drive-mirror on an idle proxy; seconds until BLOCK_JOB_READY.  The
-    proxy's own view (event time stamps, from `created` to READY) goes to
-    row.server.  The job is then soft-cancelled (target left consistent)
-    and waited for."""
-    qmp = proxy.qmp
-    qmp.clear_events()              # the previous job's last events
-    events = EventLog(qmp)
-    t0 = time.monotonic()
-    command(qmp, "drive-mirror", device="disk0", target=target_uri,
-            sync="full")
-    try:
-        ready = events.wait("BLOCK_JOB_READY", timeout=bench.sizes.timeout)
-    except HarnessError as e:       # the job ended first, or a timeout
-        ended = [ev["data"] for ev in events.events if ev["event"] in ENDED]
-        why = f"job ended before ready: {ended[0]}" if ended else str(e)
-        tail = bench.procs.output(proxy.proc).strip().splitlines()[-3:]
-        raise BenchError(f"{why}; the proxy's log ends: "
-                         f"{' | '.join(tail)}") from None
-    t = time.monotonic() - t0
-    created = [e for e in events.named("JOB_STATUS_CHANGE")
-               if e["data"]["status"] == "created"]
-    if created:
-        row.server.append(stamp(ready) - stamp(created[0]))
-    command(qmp, "block-job-cancel", device=ready["data"]["device"])  # job id
-    events.wait_end(60)
-    errors = [e["data"]["error"] for e in events.events
-              if e["event"] in ENDED and e["data"].get("error")]
-    if errors:
-        raise BenchError(f"job failed after ready: {errors[0]}")
-    deadline = time.monotonic() + 10
-    while command(qmp, "query-block-jobs"):     # until the job is dismissed
-        if time.monotonic() > deadline:
-            raise BenchError("the job is still listed 10 s after it ended")
-        time.sleep(0.01)
-    return t
-
-
-def interleaved(runs):
-    """(run, side) pairs; the side that goes first alternates, so that a
-    cold cache or a burst of load does not always hit the same side."""
-    for i in range(runs):
-        for side in (("ours", "base") if i % 2 == 0 else ("base", "ours")):
-            yield i, side
-
-
-def measure_time_to_ready(bench, row, proxy, source_for_nbdcopy, size):
-    for _, side in interleaved(bench.runs):
-        tgt, p = bench.nbdkit("memory", str(size))
-        if side == "ours":
-            row.ours.append(mirror_to_ready(bench, row, proxy, tgt))
-        else:
-            row.base.append(bench.tool(["nbdcopy", "--flush",
-                                        source_for_nbdcopy, tgt]))
-        bench.stop(p)
-
-
-def measure_read(bench, row, proxy_uri, direct_uri, size, request):
-    uris = {"ours": proxy_uri, "base": direct_uri}
-    for _, side in interleaved(bench.runs):
-        rate = size / 1e6 / bench.tool(["nbdcopy", f"--request-size={request}",
-                                        uris[side], "null:"])
-        getattr(row, side).append(rate)
-
-
-def allocated(path):
-    return os.stat(path).st_blocks * 512
-
-
-def measure_sparse(bench, row_t, row_a, src_uri, src_path, proxy):
-    """c1 (time) and c2 (nbdmirror's target allocation vs the source's)."""
-    size = bench.sizes.sparse
-    nbdcopy_alloc = []
-    for i, side in interleaved(bench.runs):
-        tpath = bench.path(f"sparse-tgt-{side}-{i}.img")
-        with open(tpath, "wb") as f:
-            f.truncate(size)
-        tgt, p = bench.qemu_nbd(tpath)
-        if side == "ours":
-            row_t.ours.append(mirror_to_ready(bench, row_t, proxy, tgt))
-        else:
-            row_t.base.append(bench.tool(["nbdcopy", "--flush", src_uri, tgt]))
-        bench.stop(p)
-        alloc = allocated(tpath) / MiB
-        if side == "ours":
-            row_a.ours.append(alloc)
-            row_a.base.append(allocated(src_path) / MiB)
-        else:
-            nbdcopy_alloc.append(alloc)
-        os.unlink(tpath)
-    if nbdcopy_alloc:
-        row_a.note = f"nbdcopy's target: {min(nbdcopy_alloc):.1f} MiB"
-
-
-# -- images ------------------------------------------------------------------
-
-def make_random(path, size):
-    # fsync: no writeback during the measurements
-    make_image(path, size, seed=1, fsync=True)
-
-
-def make_sparse(path, size, data):
-    """`data` bytes in 1 MiB pieces spread evenly over `size`."""
-    rng = random.Random(2)
-    pieces = data // MiB
-    step = size // pieces
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(pieces):
-            f.seek(i * step)
-            f.write(rng.randbytes(MiB))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# -- the run -----------------------------------------------------------------
-
-def run_all(bench, rows):
-    s = bench.sizes
-    size_text = (f"{s.data / GiB:g} GiB" if s.data >= GiB
-                 else f"{s.data // MiB} MiB")
-    rnd = bench.path("random.img")
-    log(f"creating {size_text} of random data")
-    make_random(rnd, s.data)
-    src_uri, _ = bench.qemu_nbd(rnd)
-    direct_file_uri, _ = bench.nbdkit("file", rnd)
-    proxy_file = bench.proxy(rnd)
-    proxy_nbd = bench.proxy(src_uri)
-
-    def row(key, what, **kw):
+    def row(self, key, what, compared=False, **kw):
         r = Row(key, what, **kw)
-        rows.append(r)
+        if compared and self.compare:
+            r.before = []
+        self.rows.append(r)
         return r
 
-    steps = [       # (row, measure, its arguments after bench and row)
-        (row("a1", f"time to ready, {size_text} random, file source",
-             aim=("<=", 1.2)),
-         measure_time_to_ready, (proxy_file, rnd, s.data)),
-        (row("a2", f"time to ready, {size_text} random, qemu-nbd source",
-             aim=("<=", 1.2)),
-         measure_time_to_ready, (proxy_nbd, src_uri, s.data)),
-    ]
-    # The aim is against the server a user would otherwise attach the
-    # image with (qemu-nbd); nbdkit's C file plugin and the NBD-source
-    # rows are shown for scale (FIELD-NOTES: forwarding costs ~half).
-    reads = [("file src vs qemu-nbd", proxy_file.uri, src_uri, (">=", 0.8)),
-             ("file src vs nbdkit-file", proxy_file.uri, direct_file_uri,
-              None),
-             ("qemu-nbd src vs qemu-nbd", proxy_nbd.uri, src_uri, None)]
-    keys = (f"b{i}" for i in range(1, 7))
-    for request, text in ((MiB, "1M"), (256 << 10, "256K")):
-        for what, ours, direct, aim in reads:
-            steps.append((row(next(keys), f"guest seq. read {text}, {what}",
-                              unit="MB/s", aim=aim),
-                          measure_read, (ours, direct, s.data, request)))
-    for r, measure, args in steps:
-        log(f"{r.key}: {r.what}")
+    def random_file(self):
+        """Section A's random-data raw file (made once)."""
+        if "random" not in self._images:
+            path = self.bench.path("random.img")
+            log(f"creating {size_text(self.sizes.data)} of random data")
+            make_random(path, self.sizes.data)
+            self._images["random"] = path
+        return self._images["random"]
+
+    def random_uri(self):
+        """The same file behind qemu-nbd (kept for the whole run)."""
+        if "random-nbd" not in self._images:
+            uri, proc = self.bench.qemu_nbd(self.random_file())
+            self.bench.share(proc)
+            self._images["random-nbd"] = uri
+        return self._images["random-nbd"]
+
+    def fio_file(self):
+        if "fio" not in self._images:
+            path = self.bench.path("guest.img")
+            make_random(path, self.sizes.fio_file)
+            self._images["fio"] = path
+        return self._images["fio"]
+
+
+def series(name, checkout):
+    return name + (BEFORE if checkout else "")
+
+
+def fill(row, data, ours, base=None):
+    """Samples into a row: `ours` (and its --compare twin) and `base`."""
+    row.ours = data.get(ours, [])
+    if row.before is not None:
+        row.before = data.get(ours + BEFORE, [])
+    if base:
+        row.base = data.get(base, [])
+
+
+@contextlib.contextmanager
+def section(ctx, rows):
+    """The processes started in the block stop when it ends; a failure
+    marks every row of the block that has no figures yet."""
+    ctx.loads.append(os.getloadavg()[0])
+    log(f"{', '.join(r.key for r in rows)}: {rows[0].what} ...")
+    with ctx.bench.scope():
         try:
-            measure(bench, r, *args)
-        except BenchError as e:
-            r.error = str(e)
-    for proxy in (proxy_file, proxy_nbd):
-        close_quietly(proxy.qmp)
-        bench.stop(proxy.proc)
-    os.unlink(rnd)
+            yield
+        except Exception as e:      # noqa: BLE001 - the next section runs
+            if not isinstance(e, BenchError):
+                traceback.print_exc()
+                e = f"{type(e).__name__}: {e}"
+            for r in rows:
+                if not r.ours and not r.error:
+                    r.error = str(e)
+            log(f"error: {e}")
 
-    virt = f"{s.sparse // GiB} GiB"
-    rt = row("c1", f"time to ready, {virt} sparse, "
-                   f"{s.sparse_data // MiB} MiB data", aim=("<=", 1.0))
-    ra = row("c2", "allocation: target vs source", unit="MiB",
-             aim=("<=", 1.05))
-    log(f"c: creating a {virt} sparse source with "
-        f"{s.sparse_data // MiB} MiB of data")
-    sparse = bench.path("sparse.img")
-    make_sparse(sparse, s.sparse, s.sparse_data)
-    sparse_uri, _ = bench.qemu_nbd(sparse)
-    proxy_sparse = bench.proxy(sparse_uri)
-    log(f"{rt.key}/{ra.key}: {rt.what}")
+
+# -- A: time to ready ---------------------------------------------------------
+
+TARGETS = {"memory": "nbdkit memory", "file": "qemu-nbd file"}
+
+
+def copy_rows(ctx, first, src_kind, tgt_kind):
+    """Four rows for one source and one target: ready from `serve` and
+    from drive-mirror, each against nbdcopy and QEMU's mirror."""
+    b, s = ctx.bench, ctx.sizes
+    where = (f"{size_text(s.data)} {src_kind} src -> "
+             f"{TARGETS[tgt_kind]}")
+    k = iter(range(first, first + 4))
+    aim = Aim("<=", 1.0)
+    rows = {
+        ("serve", "nbdcopy"): ctx.row(
+            f"A{next(k)}", f"ready from serve, {where}", compared=True,
+            base_name="nbdcopy", aim=aim),
+        ("serve", "qemu-start"): ctx.row(
+            f"A{next(k)}", f"ready from serve, {where}", compared=True,
+            base_name="QEMU start", aim=aim),
+        ("mirror", "nbdcopy"): ctx.row(
+            f"A{next(k)}", f"ready from drive-mirror, {where}", compared=True,
+            base_name="nbdcopy", aim=aim),
+        ("mirror", "qemu-job"): ctx.row(
+            f"A{next(k)}", f"ready from drive-mirror, {where}", compared=True,
+            base_name="QEMU job", aim=aim),
+    }
+    with section(ctx, list(rows.values())):
+        source = ctx.random_file() if src_kind == "file" else \
+            ctx.random_uri()
+        proxies = {c: b.proxy(source, checkout=c) for c in ctx.checkouts()}
+
+        def serve(c):
+            def run():
+                with b.target(tgt_kind, s.data) as (tgt, _):
+                    t0 = time.monotonic()
+                    p = b.proxy(source, target=tgt, checkout=c)
+                    up = time.monotonic() - t0
+                    t = ready_since_start(b, p, t0, b.timeout)
+                    b.stop_proxy(p)
+                return {series("serve", c): t, series("serve-up", c): up}
+            return run
+
+        def mirror(c):
+            def run():
+                with b.target(tgt_kind, s.data) as (tgt, _):
+                    out = mirror_to_ready(b, proxies[c], tgt)
+                return {series(name, c): v for name, v in out.items()}
+            return run
+
+        def nbdcopy():
+            with b.target(tgt_kind, s.data) as (tgt, _):
+                return {"nbdcopy": b.nbdcopy(source, tgt)}
+
+        def qemu():
+            with b.target(tgt_kind, s.data) as (tgt, _):
+                return qemu_mirror_to_ready(b, source, tgt)
+
+        sides = {}
+        for c in ctx.checkouts():
+            sides[series("serve", c)] = serve(c)
+            sides[series("mirror", c)] = mirror(c)
+        sides["nbdcopy"], sides["qemu"] = nbdcopy, qemu
+        data = turns(b.runs, sides)
+        for (ours, base), row in rows.items():
+            fill(row, data, ours, base)
+        rows[("serve", "nbdcopy")].note(
+            f"of which start-up (serve to its sockets and QMP answering): "
+            f"median {median(data['serve-up']):.2f} s")
+        rows[("serve", "qemu-start")].note(
+            f"QEMU: the daemon's start to QMP answering: median "
+            f"{median(data['qemu-up']):.2f} s")
+        own = data.get("mirror-own")
+        if own:
+            rows[("mirror", "nbdcopy")].note(
+                f"the proxy's own view (event stamps, created -> READY): "
+                f"median {median(own):.2f} s")
+
+
+def time_to_ready(ctx):
+    first = 1
+    for src_kind in ("file", "nbd"):
+        for tgt_kind in ("memory", "file"):
+            copy_rows(ctx, first, src_kind, tgt_kind)
+            first += 4
+
+
+# -- B: guest I/O -------------------------------------------------------------
+
+STATES = (("no job", None, 0.8), ("ready background", "background", 0.7),
+          ("ready write-blocking", "write-blocking", 0.5))
+
+
+def guest_proxies(ctx, checkout):
+    """{state: proxy} on the fio file: no job, and ready jobs (to nbdkit
+    memory) in each copy mode."""
+    b, s = ctx.bench, ctx.sizes
+    out = {}
+    for state, mode, _ in STATES:
+        if mode is None:
+            out[state] = b.proxy(ctx.fio_file(), checkout=checkout)
+        else:
+            tgt, _ = b.nbdkit("memory", str(s.fio_file))
+            out[state] = b.proxy(ctx.fio_file(), target=tgt,
+                                 checkout=checkout, copy_mode=mode)
+    for p in out.values():
+        if p.target_given:
+            wait_job_ready(b, p)
+    return out
+
+
+def guest_io(ctx):
+    b, s = ctx.bench, ctx.sizes
+    rows = {}
+    n = 1
+    for state, _, aim in STATES:
+        for rw in ("randread", "randwrite"):
+            rows[(state, rw)] = ctx.row(
+                f"B{n}", f"guest 4K {rw[4:]} IOPS, {state}", compared=True,
+                unit="IOPS", base_name="qemu-nbd", aim=Aim(">=", aim))
+            n += 1
+    seq = ctx.row(f"B{n}", "guest seq. read 256K, no job", compared=True,
+                  unit="MB/s", base_name="qemu-nbd", aim=Aim(">=", 0.8))
+    with section(ctx, [*rows.values(), seq]):
+        direct, _ = b.qemu_nbd(ctx.fio_file())
+        proxies = {c: guest_proxies(ctx, c) for c in ctx.checkouts()}
+
+        def fio_side(uri, rw):
+            ddir = 0 if rw == "randread" else 1
+            return lambda: fio_iops(b.fio(uri, rw, s.fio_runtime).wait(), ddir)
+
+        for (state, rw), row in rows.items():
+            sides = {series("ours", c): fio_side(proxies[c][state].uri, rw)
+                     for c in ctx.checkouts()}
+            sides["direct"] = fio_side(direct, rw)
+            data = turns(b.runs, {k: (lambda k=k, f=f: {k: f()})
+                                  for k, f in sides.items()})
+            fill(row, data, "ours", "direct")
+
+        def seq_read(uri):
+            return lambda: s.fio_file / 1e6 / b.tool(["nbdcopy", uri, "null:"])
+        sides = {series("ours", c): seq_read(proxies[c]["no job"].uri)
+                 for c in ctx.checkouts()}
+        sides["direct"] = seq_read(direct)
+        data = turns(b.runs, {k: (lambda k=k, f=f: {k: f()})
+                              for k, f in sides.items()})
+        fill(seq, data, "ours", "direct")
+
+
+def reads_during_copy(ctx):
+    """4K random reads while the copy runs against the same with no job:
+    fio runs on, its IOPS log read within the copy's window."""
+    b, s = ctx.bench, ctx.sizes
+    row = ctx.row("B8", f"guest 4K read IOPS during the copy "
+                        f"({size_text(s.data)} file -> nbdkit memory)",
+                  compared=True, unit="IOPS", base_name="no job",
+                  aim=Aim(">=", 0.5))
+    windows = []
+    with section(ctx, [row]):
+        proxies = {c: b.proxy(ctx.random_file(), checkout=c)
+                   for c in ctx.checkouts()}
+
+        def during(c):
+            def run():
+                p = proxies[c]
+                with b.target("memory", s.data) as (tgt, _):
+                    fio = b.fio(p.uri, "randread", b.timeout)
+                    time.sleep(LEAD)
+                    t0 = time.time()
+                    start_mirror(p, tgt)
+                    t1 = stamp(wait_ready(b, p, b.timeout))
+                    fio.stop()
+                    end_job(p)
+                windows.append(t1 - t0)
+                return {series("during", c): window_iops(fio, t0, t1, 0)}
+            return run
+
+        def no_job():
+            fio = b.fio(proxies[None].uri, "randread", b.timeout)
+            time.sleep(LEAD)
+            t0 = time.time()
+            time.sleep(median(windows) if windows else s.window)
+            t1 = time.time()
+            fio.stop()
+            return {"no job": window_iops(fio, t0, t1, 0)}
+
+        sides = {series("during", c): during(c) for c in ctx.checkouts()}
+        sides["no job"] = no_job
+        fill(row, turns(b.runs, sides), "during", "no job")
+        row.note(f"copy windows: median {median(windows):.2f} s")
+
+
+def window_iops(fio, t0, t1, ddir):
+    iops = fio.iops_between(t0, t1, ddir)
+    if iops is None:
+        raise BenchError(f"the window ({t1 - t0:.3f} s) is shorter than "
+                         f"fio's log interval ({fio.LOG_MS} ms)")
+    return iops
+
+
+# -- C: pivot -----------------------------------------------------------------
+
+def across_pivot(ctx, uri, complete):
+    """fio 4K randrw iodepth 4 on `uri`; complete() a third into the run.
+    Returns fio's report; a BenchError unless the pivot fell within it."""
+    b, s = ctx.bench, ctx.sizes
+    fio = b.fio(uri, "randrw", s.pivot_runtime, iodepth=4,
+                extra=["--lat_percentiles=1"])
+    time.sleep(s.pivot_runtime / 3)
+    t0 = time.time()
+    complete()
+    t1 = time.time()
+    job = fio.wait()
+    first, last = fio.span()
+    if first is None or not (first < t0 and t1 < last):
+        raise BenchError("the pivot did not fall within fio's run")
+    return job, t1 - t0
+
+
+def pivot(ctx):
+    b, s = ctx.bench, ctx.sizes
+    row = ctx.row("C1", "longest guest request across a pivot (4K randrw)",
+                  unit="ms", base_name="QEMU", aim=Aim("<=", 50, of="value"))
+    with section(ctx, [row]):
+        def ours():
+            with b.target("memory", s.fio_file) as (tgt, _):
+                p = b.proxy(ctx.fio_file(), target=tgt)
+                wait_job_ready(b, p)
+
+                def complete():
+                    command(p.qmp, "block-job-complete", device="mirror0")
+                    p.events.wait("BLOCK_JOB_COMPLETED", timeout=60)
+                job, took = across_pivot(ctx, p.uri, complete)
+                b.stop_proxy(p)
+            return {"ours": fio_max_latency_ms(job),
+                    "ours p99.99": fio_percentile_ms(job), "ours took": took}
+
+        def qemu():
+            with b.target("memory", s.fio_file) as (tgt, _):
+                sock = b.sock("qsd-export")
+                proc, qmp, events, _ = qemu_mirror(b, ctx.fio_file(), tgt,
+                                                   export=sock)
+                qemu_mirror_start(qmp)
+                qemu_wait_ready(b, proc, events)
+
+                def complete():
+                    command(qmp, "block-job-complete", device="m0")
+                    events.wait("BLOCK_JOB_COMPLETED", timeout=60)
+                job, took = across_pivot(
+                    ctx, f"nbd+unix:///disk?socket={sock}", complete)
+                b.stop_qsd(proc, qmp)
+            return {"qemu": fio_max_latency_ms(job),
+                    "qemu p99.99": fio_percentile_ms(job), "qemu took": took}
+
+        data = turns(b.runs, {"ours": ours, "qemu": qemu})
+        fill(row, data, "ours", "qemu")
+        for who in ("ours", "qemu"):
+            p9999 = [x for x in data[f"{who} p99.99"] if x is not None]
+            row.note(f"{'nbdmirror' if who == 'ours' else 'QEMU'}: p99.99 "
+                     f"median {median(p9999) or 0:.1f} ms; complete took "
+                     f"median {median(data[f'{who} took']) * 1000:.0f} ms")
+
+
+# -- D: convergence under a saturating writer ---------------------------------
+
+def convergence(ctx):
+    b, s = ctx.bench, ctx.sizes
+    modes = ("background", "write-blocking")
+    rows = {}
+    n = 1
+    for mode in modes:
+        rows[("time", mode)] = ctx.row(
+            f"D{n}", f"ready under a 64K random writer, {mode}",
+            base_name="idle guest",
+            aim=Aim("<=", s.cap, of="value") if mode != "background"
+            else None)
+        rows[("mbps", mode)] = ctx.row(
+            f"D{n + 1}", f"guest 64K write MB/s during the job, {mode}",
+            unit="MB/s", base_name="no job")
+        n += 2
+    with section(ctx, list(rows.values())):
+        proxy = b.proxy(ctx.fio_file())
+
+        def writer(runtime):
+            return b.fio(proxy.uri, "randwrite", runtime, bs="64k",
+                         iodepth=16)
+
+        def under_writer(mode):
+            def run():
+                with b.target("memory", s.fio_file) as (tgt, _):
+                    fio = writer(s.cap + 30)
+                    time.sleep(LEAD)
+                    t0 = time.time()
+                    start_mirror(proxy, tgt, **{"copy-mode": mode})
+                    took, t1 = ready_or_cap(b, proxy, t0, s.cap)
+                    fio.stop()
+                    end_job(proxy, force=math.isinf(took))
+                mbps = window_iops(fio, t0, t1, 1) * 64 * KiB / 1e6
+                return {("time", mode): took, ("mbps", mode): mbps}
+            return run
+
+        def idle():
+            with b.target("memory", s.fio_file) as (tgt, _):
+                return {"idle": mirror_to_ready(b, proxy, tgt)["mirror"]}
+
+        def no_job():
+            fio = writer(s.window + 30)
+            time.sleep(LEAD)
+            t0 = time.time()
+            time.sleep(s.window)
+            t1 = time.time()
+            fio.stop()
+            return {"no job": window_iops(fio, t0, t1, 1) * 64 * KiB / 1e6}
+
+        sides = {mode: under_writer(mode) for mode in modes}
+        sides["idle"], sides["no job"] = idle, no_job
+        data = turns(b.runs, sides)
+        for (kind, mode), row in rows.items():
+            fill(row, data, (kind, mode), "idle" if kind == "time" else
+                 "no job")
+        for mode in modes:
+            if any(math.isinf(x) for x in rows[("time", mode)].ours):
+                rows[("time", mode)].note(
+                    f"DNC: not ready within {s.cap:g} s (the job was then "
+                    f"force-cancelled)")
+
+
+def ready_or_cap(bench, proxy, t0, cap):
+    """(seconds to ready or inf, wall-clock end of the window)."""
     try:
-        measure_sparse(bench, rt, ra, sparse_uri, sparse, proxy_sparse)
-    except BenchError as e:
-        rt.error = ra.error = str(e)
-    close_quietly(proxy_sparse.qmp)
+        ready = proxy.events.wait("BLOCK_JOB_READY", timeout=cap)
+        return stamp(ready) - t0, stamp(ready)
+    except HarnessError:
+        if not command(proxy.qmp, "query-block-jobs"):
+            raise BenchError(f"the job ended before ready: "
+                             f"{proxy.events.tokens()}") from None
+        return math.inf, time.time()
 
 
-def fmt_value(v, unit):
-    if v is None:
-        return "-"
-    if unit == "s":
-        return f"{v:.2f} s"
-    if unit == "MB/s":
-        return f"{v:.0f} MB/s"
-    return f"{v:.1f} MiB"
+# -- E: scale -----------------------------------------------------------------
+
+def scale_rows(ctx, first, virt, data_size):
+    b = ctx.bench
+    big = virt >= 16 * TiB
+    name = f"{size_text(virt)} sparse, {size_text(data_size)} data"
+    k = iter(f"E{i}" for i in range(first, first + 4))
+    rss = ctx.row(next(k), f"proxy peak RSS, {name}", unit="MiB",
+                  aim=Aim("<=", 200, of="value") if big else None)
+    t_file = ctx.row(next(k), f"ready from serve, {name}, file src",
+                     base_name="nbdcopy", aim=Aim("<=", 1.0) if big else None)
+    t_nbd = ctx.row(next(k), f"ready from serve, {name}, nbd src",
+                    base_name="nbdcopy", aim=Aim("<=", 1.0) if big else None)
+    alloc = ctx.row(next(k), f"target allocation, {name}", unit="MiB",
+                    base_name="source", aim=Aim("<=", 1.05))
+    with section(ctx, [rss, t_file, t_nbd, alloc]):
+        src = b.shm_path("sparse.img")
+        b.run(["qemu-img", "create", "-q", "-f", "raw", src, str(virt)])
+        make_sparse(src, virt, data_size)
+        src_uri, src_proc = b.qemu_nbd(src)
+
+        def serve(kind):
+            def run():
+                source = src if kind == "file" else src_uri
+                with b.target("file", virt, shm=True) as (tgt, path):
+                    t0 = time.monotonic()
+                    p = b.proxy(source, target=tgt, granularity="64K")
+                    t = ready_since_start(b, p, t0, b.timeout)
+                    pids = proxy_pids(p)
+                    peak = peak_rss(pids[-1])       # nbdkit, the proxy
+                    launcher = peak_rss(pids[0])
+                    b.stop_proxy(p)
+                    used = allocated(path) / MiB
+                return {f"serve-{kind}": t, f"rss-{kind}": peak,
+                        f"launcher-{kind}": launcher, f"alloc-{kind}": used}
+            return run
+
+        def nbdcopy():
+            with b.target("file", virt, shm=True) as (tgt, path):
+                t = b.nbdcopy(src_uri, tgt)
+                return {"nbdcopy": t, "alloc-nbdcopy": allocated(path) / MiB}
+
+        data = turns(b.runs, {"file": serve("file"), "nbd": serve("nbd"),
+                              "nbdcopy": nbdcopy})
+        fill(rss, data, "rss-file")
+        fill(t_file, data, "serve-file", "nbdcopy")
+        fill(t_nbd, data, "serve-nbd", "nbdcopy")
+        fill(alloc, data, "alloc-file")
+        alloc.base = [allocated(src) / MiB]
+        rss.note(f"nbd source: median {median(data['rss-nbd']):.1f} MiB; "
+                 f"the `serve` launcher: {median(data['launcher-file']):.1f}"
+                 f" MiB")
+        alloc.note(f"nbd source: {median(data['alloc-nbd']):.1f} MiB; "
+                   f"nbdcopy's target: {median(data['alloc-nbdcopy']):.1f}"
+                   f" MiB")
+        b.stop(src_proc)
+        os.unlink(src)              # tmpfs: it is memory
 
 
-def print_table(rows, bench):
-    base_name = {"a": "nbdcopy", "b": "direct", "c": "nbdcopy"}
-    print()
-    print(f"nbdmirror benchmark: best of {bench.runs}, {os.cpu_count()} cores,"
-          f" load average {bench.load[0]:.1f} -> {bench.load[-1]:.1f}"
-          f"{' (--quick sizes)' if bench.sizes is QUICK else ''}")
-    head = (f"{'':3} {'measurement':47} {'nbdmirror':>11} {'baseline':>11}"
-            f" {'vs':8} {'ratio':>6}  {'aim':8} {'':5}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        base = "source" if r.key == "c2" else base_name[r.key[0]]
-        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
-        aim = f"{r.aim[0]} {r.aim[1]}" if r.aim else ""
-        print(f"{r.key:3} {r.what:47} {fmt_value(r.best(r.ours), r.unit):>11}"
-              f" {fmt_value(r.best(r.base), r.unit):>11} {base:8}"
-              f" {ratio:>6}  {aim:8} {r.verdict:5}")
-    print()
-    for r in rows:
-        if r.error:
-            print(f"{r.key} error: {r.error}")
-        elif r.ours:
-            samples = lambda xs: ", ".join(  # noqa: E731
-                fmt_value(x, r.unit) for x in xs)
-            print(f"{r.key} runs: nbdmirror [{samples(r.ours)}]; "
-                  f"baseline [{samples(r.base)}]"
-                  + (f"; {r.note}" if r.note else ""))
-            if r.server:
-                print(f"{'':3}nbdmirror's own event stamps, created -> "
-                      f"READY: [{samples(r.server)}]")
+def scale(ctx):
+    first = 1
+    for virt, data_size in ctx.sizes.scale:
+        scale_rows(ctx, first, virt, data_size)
+        first += 4
 
 
-def log(msg):
-    print(f"--> {msg}", file=sys.stderr, flush=True)
+# -- F: remote targets --------------------------------------------------------
+
+def slow_target(ctx):
+    b, s = ctx.bench, ctx.sizes
+    row = ctx.row("F1", f"ready from drive-mirror, {size_text(s.data)} file "
+                        f"src -> 10 ms/request target", base_name="nbdcopy",
+                  aim=Aim("<=", 1.0))
+    with section(ctx, [row]):
+        proxy = b.proxy(ctx.random_file())
+
+        @contextlib.contextmanager
+        def target():
+            uri, proc = b.nbdkit("-t", "128", "memory", str(s.data),
+                                 "rdelay=10ms", "wdelay=10ms",
+                                 filters=["delay"])
+            try:
+                yield uri
+            finally:
+                b.stop(proc)
+
+        def ours():
+            with target() as tgt:
+                return mirror_to_ready(b, proxy, tgt)
+
+        def nbdcopy():
+            with target() as tgt:
+                return {"nbdcopy": b.nbdcopy(ctx.random_file(), tgt)}
+        fill(row, turns(b.runs, {"ours": ours, "nbdcopy": nbdcopy}),
+             "mirror", "nbdcopy")
+
+
+def target_cut(ctx):
+    """Freeze the target (SIGSTOP) 3 s once a quarter is copied; the
+    proxy's --io-timeout 1 drops the connection and the job reconnects.
+    Re-copied: READY's offset minus the disk size."""
+    b, s = ctx.bench, ctx.sizes
+    row = ctx.row("F2", f"re-copied after a 3 s target cut, "
+                        f"{size_text(s.cut_disk)} job", unit="%",
+                  aim=Aim("<=", 5, of="value"))
+    with section(ctx, [row]):
+        disk = b.path("cut.img")
+        copy_prefix(ctx.random_file(), disk, s.cut_disk)
+        proxy = b.proxy(disk, io_timeout=1)
+        failed = []
+
+        def run():
+            try:
+                return cut_once()
+            except BenchError as e:     # the next run may still work
+                failed.append(str(e))
+                log(f"F2: {e}")
+                return {}
+
+        def cut_once():
+            with b.target("file", s.cut_disk) as (tgt, _):
+                target_proc = b.procs.procs[-1]
+                t0 = time.monotonic()
+                start_mirror(proxy, tgt, **{"reconnect-delay": 30})
+                done = wait_offset(proxy, s.cut_disk // 4, b.timeout)
+                with frozen(target_proc):
+                    time.sleep(3)
+                ready = wait_ready(b, proxy, b.timeout)
+                took = time.monotonic() - t0
+                end_job(proxy)
+            back = proxy.events.named("TARGET_RECONNECTED")
+            extra = ready["data"]["offset"] - s.cut_disk
+            return {"recopy": extra / s.cut_disk * 100, "took": took,
+                    "cut at": done / s.cut_disk * 100,
+                    "reconnects": len(back),
+                    "down": sum(e["data"]["downtime"] for e in back)}
+        data = turns(b.runs, {"cut": run})
+        if failed:
+            row.error = (f"{len(failed)} of {b.runs} runs failed; the "
+                         f"first: {failed[0]}")
+        if not data:
+            return
+        fill(row, data, "recopy")
+        row.note(f"cut at {median(data['cut at']):.0f} % copied; ready "
+                 f"after median {median(data['took']):.2f} s; reconnects "
+                 f"per run {data['reconnects']}, down median "
+                 f"{median(data['down']):.2f} s")
+
+
+def wait_offset(proxy, offset, timeout):
+    """Poll until the job's offset reaches `offset`; return the offset."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = command(proxy.qmp, "query-block-jobs")
+        if not jobs or jobs[0]["ready"]:
+            raise BenchError("the job was done before the cut")
+        if jobs[0]["offset"] >= offset:
+            return jobs[0]["offset"]
+        if time.monotonic() > deadline:
+            raise BenchError(f"offset {offset} not reached in {timeout} s")
+        time.sleep(0.005)
+
+
+# -- the run ------------------------------------------------------------------
+
+SECTIONS = {"A": [time_to_ready], "B": [guest_io, reads_during_copy],
+            "C": [pivot], "D": [convergence], "E": [scale],
+            "F": [slow_target, target_cut]}
+COMPARED = "AB"         # the sections --compare runs for both checkouts
+
+
+def need_space(sizes, sections):
+    """(bytes in /tmp, bytes in /dev/shm) the run needs at most."""
+    tmp = sizes.data + sizes.fio_file + 512 * MiB
+    if "A" in sections:
+        tmp += sizes.data                       # a target file
+    if "F" in sections:
+        tmp += 2 * sizes.cut_disk
+    shm = 2 * max(d for _, d in sizes.scale) + 256 * MiB \
+        if "E" in sections else 0
+    return tmp, shm
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="small sizes, for a smoke test")
-    ap.add_argument("--runs", type=int, default=None,
-                    help="runs per measurement (default 3; 2 with --quick)")
+    ap.add_argument("--runs", type=int, default=None, metavar="N",
+                    help="runs per side of each measurement (default 3; "
+                         "2 with --quick)")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when an aim is missed")
+    ap.add_argument("--compare", metavar="CHECKOUT",
+                    help="also run another checkout's nbdmirror (sections "
+                         f"{', '.join(COMPARED)})")
+    ap.add_argument("--only", metavar="SECTIONS",
+                    help=f"comma-separated sections of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
+    runs = args.runs if args.runs is not None else (2 if args.quick else 3)
+    if runs < 1:
+        ap.error("--runs: at least 1")
     sizes = QUICK if args.quick else FULL
-    runs = args.runs or (2 if args.quick else 3)
+    chosen = (args.only or ",".join(COMPARED if args.compare else SECTIONS))
+    chosen = [x.strip().upper() for x in chosen.split(",") if x.strip()]
+    if any(x not in SECTIONS for x in chosen):
+        ap.error(f"--only: sections are {','.join(SECTIONS)}")
+    if args.compare:
+        other = os.path.abspath(args.compare)
+        if not os.path.isfile(os.path.join(other, "nbdmirror", "cli.py")):
+            ap.error(f"--compare: {other} is not an nbdmirror checkout")
+        chosen = [x for x in chosen if x in COMPARED]
 
-    need = sizes.data + 2 * sizes.sparse_data + 512 * MiB
-    free = shutil.disk_usage("/tmp").free
-    if free < need:
-        print(f"bench: need {need / GiB:.1f} GiB free in /tmp, "
-              f"have {free / GiB:.1f} GiB", file=sys.stderr)
-        return 1
+    tmp, shm = need_space(sizes, chosen)
+    for where, need in (("/tmp", tmp), ("/dev/shm", shm)):
+        free = shutil.disk_usage(where).free
+        if need and free < need:
+            print(f"bench: need {need / GiB:.1f} GiB free in {where}, "
+                  f"have {free / GiB:.1f} GiB", file=sys.stderr)
+            return 1
 
     def on_term(signum, frame):
-        raise Interrupted()
+        raise KeyboardInterrupt()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    bench = Bench(sizes, runs)
+    bench = Bench(runs, timeout=sizes.timeout,
+                  other=os.path.abspath(args.compare) if args.compare
+                  else None)
     log(f"working in {bench.dir}")
-    rows = []
-    bench.load = [os.getloadavg()[0]]
+    ctx = Context(bench, sizes)
+    t0 = time.monotonic()
+    status = 0
     try:
-        run_all(bench, rows)
-    except (KeyboardInterrupt, Interrupted):
+        for key in chosen:
+            for measure in SECTIONS[key]:
+                measure(ctx)
+    except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
-        return 130
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
+        status = 130
     finally:
         bench.close()
-        bench.load.append(os.getloadavg()[0])
-        if rows:
-            print_table(rows, bench)
-    if any(r.error for r in rows):
+        ctx.loads.append(os.getloadavg()[0])
+        if ctx.rows:
+            print_table(ctx.rows, title(ctx, args, time.monotonic() - t0),
+                        compare=ctx.compare)
+    if status:
+        return status
+    if any(r.error for r in ctx.rows):
         return 1
-    if args.strict and any(r.verdict == "MISS" for r in rows):
+    if args.strict and any(r.verdict == "MISS" for r in ctx.rows):
         return 1
     return 0
+
+
+def title(ctx, args, seconds):
+    loads = ctx.loads
+    text = (f"nbdmirror benchmark: median [min-max] of {ctx.bench.runs} "
+            f"runs, {os.cpu_count()} cores, load average {loads[0]:.1f} at "
+            f"start, {min(loads):.1f}-{max(loads):.1f} over the sections, "
+            f"{loads[-1]:.1f} at the end; {seconds / 60:.1f} min"
+            f"{'; --quick sizes' if args.quick else ''}")
+    for checkout, plugin in ctx.bench.code.items():
+        text += (f"\n{'before' if checkout else 'nbdmirror'}: "
+                 f"{plugin}")
+    return text
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ RATE_INTERVAL = 0.5     # seconds between copy rate samples
 ERROR_EVENT_INTERVAL = 0.1   # BLOCK_JOB_ERROR at most this often (`ignore`)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0   # `ignore` retries, doubling
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0   # between reconnect attempts
+# How a request fails when its connection is lost (nbdconn: ENOTCONN, or
+# ETIMEDOUT after a timeout dropped it).
+LOST = {errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EPIPE,
+        errno.ESHUTDOWN}
 
 
 class JobError(Exception):
@@ -599,11 +603,13 @@ class Job:
     # -- errors ------------------------------------------------------------
     def _on_error(self, e, lost=False):
         """Apply on-source-error / on-target-error to a failed request.
-        A target write that failed because the connection is lost is left
-        to _reconnect_step (which calls this with lost=True once the
+        A target write that failed because its connection was lost is
+        left to _reconnect_step (which calls this with lost=True once the
         reconnect delay is over)."""
         if not lost and e.operation == "write" and self.reconnect_delay and \
-                self.target.dead is not None:
+                (self.target.dead is not None or e.errno in LOST):
+            # Also once reconnected: a request of the old connection may
+            # fail after the new one is up (its op is dirty again anyway).
             return
         policy = self.opts.on_source_error if e.operation == "read" \
             else self.opts.on_target_error
