@@ -10,7 +10,15 @@ Threads and locks:
   * Guest threads call guest_wrote() after each write (the copier marks the
     bitmap).  In write-blocking mode they call write_through() instead,
     which holds the write's chunks in `locks` (chunklocks.py) while it
-    writes the source and then the target.
+    writes the source and then the target.  Around either, before_write()
+    and after_write() (guest.py) let the persistent bitmap mark the
+    write's regions durably before the source changes.
+  * `persist` is the job's persistent bitmap (activitylog.py; NO_LOG
+    without --bitmap).  The job calls it at a few hooks, each marked
+    "persistent bitmap": attach (a resumed job's marks), scanned, each
+    target flush (flush_started / flushed: regions may be cleared only
+    after a flush), periodic checkpoint flushes, the pivot (pivoting
+    before the switch, pivoted after) and the job's end.
 `_lock` guards `state`, `_speed`, `error`, `io_status` and `copy_mode`.
 Events are emitted with it held, so their order is the order of the
 transitions.
@@ -35,6 +43,7 @@ import threading
 import time
 import traceback
 
+from .activitylog import NO_LOG
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
@@ -61,7 +70,7 @@ class Job:
     """One mirror job from `source` to `target` (open endpoints; the job
     owns `target` until a pivot hands it to the guest path)."""
 
-    def __init__(self, opts, guest, source, target, emit):
+    def __init__(self, opts, guest, source, target, emit, persist=None):
         self.opts = opts
         self.id = opts.job_id
         self.guest = guest
@@ -73,10 +82,16 @@ class Job:
                               getattr(opts, "auto_dismiss", True))
         self.bitmap = DirtyBitmap(source.size, opts.granularity)
         self.locks = ChunkLocks(self.bitmap.chunks)
+        # persistent bitmap: a resumed job starts from the file's marks
+        self.persist = persist or NO_LOG
+        self.persist.attach(self.bitmap, self.locks)
+        self._checkpoint_flush = None    # (token, [errno]) in flight
         self.copier = Copier(
             self.bitmap, source, target, sync=opts.sync,
             buf_size=opts.buf_size, speed=opts.speed,
-            target_is_zero=opts.target_is_zero, on_error=self._on_error,
+            # persistent bitmap: a resumed job's target holds data already
+            target_is_zero=opts.target_is_zero and not self.persist.resumed,
+            on_error=self._on_error,
             locks=self.locks, give_up=self._aborting)
         self.copy_mode = opts.copy_mode
         self._target_learnt = False      # write-throughs may start
@@ -189,6 +204,16 @@ class Job:
         return data
 
     # -- the guest path's hooks (guest threads) ------------------------------
+    def before_write(self, offset, length):
+        """persistent bitmap: before a data-changing guest request reaches
+        the source, its regions are durably marked (raises OSError, and the
+        request fails, if they cannot be)."""
+        self.persist.before_write(offset, length)
+
+    def after_write(self, offset, length):
+        """persistent bitmap: the request ended, its dirty bits are set."""
+        self.persist.after_write(offset, length)
+
     def guest_wrote(self, offset, length):
         """After a guest write to the source completed (or failed)."""
         self.copier.guest_wrote(offset, length)
@@ -227,6 +252,10 @@ class Job:
 
     # -- the job thread ----------------------------------------------------
     def start(self):
+        if self.persist.resumed:
+            # persistent bitmap: a resumed job has no scan to see writes
+            # made before it tracks them, so it tracks them from now on.
+            self.guest.set_mirror(self)
         self._thread.start()
 
     def wait(self, timeout=None):
@@ -259,7 +288,9 @@ class Job:
         try:
             self._open()                 # `running`: tracking on
             self._advance(S.RUNNING)
-            self._scan()
+            if not self.persist.resumed:     # persistent bitmap: no scan
+                self._scan()
+            self.persist.scanned()
             old_source = self._loop()
         except Exception as e:          # noqa: BLE001 - the job must end
             if not isinstance(e, (CopyError, OSError)):
@@ -272,12 +303,21 @@ class Job:
             if not self.pivoted:
                 self.guest.set_mirror(None)
             self.bitmap.on_dirty = None
+            # persistent bitmap: the file records how the job ended (or,
+            # at a clean shutdown, the exact bitmap), target still open.
+            self.persist.job_ended(self._outcome(), self.target)
             self.locks.abandon()
             if not self.pivoted:
                 self.target.close()
             elif old_source is not None:
                 old_source.close()
             self._done.set()
+
+    def _outcome(self):
+        if self.pivoted:
+            return "pivoted"
+        with self._lock:
+            return "failed" if self.error is not None else "cancelled"
 
     def _open(self):
         try:
@@ -341,6 +381,7 @@ class Job:
                 self._advance(S.READY,
                               ("BLOCK_JOB_READY", self._event_data()))
                 continue
+            self._checkpoint()
             c.pump(IDLE_WAKEUP)
 
     def _measure_rate(self):
@@ -363,6 +404,26 @@ class Job:
         """Bytes still to copy: dirty or in flight."""
         return self.bitmap.dirty_bytes() + self.copier.progress()[1]
 
+    def _checkpoint(self):
+        """persistent bitmap: now and then flush the target while copying,
+        so that copied, cold regions can be cleared in the file (a crash
+        then re-copies little).  The flush runs alongside the copy; a
+        failed one clears nothing (the copy's own errors are reported)."""
+        pending = self._checkpoint_flush
+        if pending is not None:
+            token, result = pending
+            if result:
+                self._checkpoint_flush = None
+                if result[0] == 0:
+                    self.persist.flushed(token)
+            return
+        done = self.copier.done_bytes
+        if self.persist.checkpoint_due(done):
+            result = []
+            self._checkpoint_flush = (self.persist.flush_started(done),
+                                      result)
+            self.copier.start_flush(result.append)
+
     def _pause_step(self):
         """Let in-flight copies finish, then sit still until woken."""
         c = self.copier
@@ -381,6 +442,7 @@ class Job:
         False on an abort, or on an error or a timeout (both through the
         error policy)."""
         result = []
+        token = self.persist.flush_started()     # persistent bitmap
         self.copier.start_flush(result.append)
         while not result:
             if self._aborting():
@@ -396,6 +458,7 @@ class Job:
         if result[0]:
             self._on_error(CopyError("write", result[0], 0, "target flush"))
             return False
+        self.persist.flushed(token)     # persistent bitmap: may clear now
         return True
 
     def _finish(self, action):
@@ -466,8 +529,12 @@ class Job:
         """With the gate closed and empty, `_lock` held: the pivot, or (soft
         cancel) stop tracking.  Returns the endpoint the guest left."""
         if action is Action.COMPLETE:
+            # persistent bitmap: durably "pivoting" before the guest moves
+            # (a restart then serves the target), "pivoted" after.
+            self.persist.pivoting()
             old = self.guest.switch_backend(self.target)
             self.pivoted = True
+            self.persist.pivoted()
             return old
         self.guest.set_mirror(None)
         return None
