@@ -343,11 +343,11 @@ class ActivityLog(NoLog):
             if not self._scanned or self._ended or not self.marked.any():
                 return False
             progressed = done_bytes - self._ck_done
-            if progressed >= self.checkpoint_bytes:
-                return True
+            if progressed >= self.checkpoint_bytes or self._ck_fresh:
+                return True         # (fresh: what the scan left unmarked)
             if time.monotonic() - self._ck_time < CHECKPOINT_INTERVAL:
                 return False
-            return progressed > 0 or self._ck_fresh or self._cooling()
+            return progressed > 0 or self._cooling()
 
     def _cooling(self):
         """With `_lock`: a region written once may be cold now."""

@@ -34,9 +34,10 @@ Locking: the file is flock()ed (LOCK_EX|LOCK_NB) for as long as it is open;
 a second proxy is refused.  The lock belongs to the open file description,
 so nbdkit's fork keeps it.
 
-Fault hook: every durable point calls the module's `fsync(fd)` (a test may
-replace it to record or delay syncs, or to simulate a power loss by
-snapshotting what was synced).
+Fault hooks: every write goes through the module's `pwrite(fd, data,
+offset)` and every durable point calls its `fsync(fd)`: a test may replace
+them to record, delay or fail syncs, and to work out what a power loss
+could leave (any sector written since the last sync may be old or new).
 """
 
 import errno
@@ -67,7 +68,8 @@ LONG_NAME = 512                         # longer names are kept as a digest
 
 DISCARD_HINT = "bitmap-discard starts over with a full copy"
 
-fsync = os.fdatasync                    # the fault hook (see above)
+fsync = os.fdatasync                    # the fault hooks (see above)
+pwrite = os.pwrite
 
 
 class BitmapFileError(Exception):
@@ -357,7 +359,7 @@ class BitmapFile:
     def _pwrite(self, data, offset):
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
 
     def sync(self):
