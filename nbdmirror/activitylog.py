@@ -55,6 +55,7 @@ from .bitmapfile import (ACTIVE, CANCELLED, FAILED, PIVOTED, PIVOTING,
                          SWITCHED, BitmapFileError)
 from .endpoints import display_uri
 from .options import is_nbd_uri
+from .sizes import to_bytes
 
 REGION = 4 << 20            # bytes per region (DRBD's activity log extent)
 MAX_HOT = 64                # regions kept marked while written, at most...
@@ -64,6 +65,25 @@ CHECKPOINT_MIN_BYTES = 16 << 20     # ... unless this many bytes were copied
 CHECKPOINT_MAX_BYTES = 256 << 20
 MAX_EXAMINE = 4096          # regions looked at per checkpoint, at most
 SAVE_FLUSH_TIMEOUT = 2.0    # s a clean shutdown waits for the target flush
+
+# A knob for tests and tuning, not an option: NBDMIRROR_ACTIVITY_LOG=
+# "region=256K,hot=8,cool=0.2,interval=0.1,checkpoint=1M" overrides the
+# values above in the proxy's process (the crash tests use small regions
+# that cool fast, so that a short run clears and marks regions again).
+_KNOBS = {"region": ("REGION", to_bytes), "hot": ("MAX_HOT", int),
+          "cool": ("COOL_AFTER", float),
+          "interval": ("CHECKPOINT_INTERVAL", float),
+          "checkpoint": ("CHECKPOINT_MIN_BYTES", to_bytes)}
+
+
+def _tune(spec):
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        name, parse = _KNOBS[key.strip()]
+        globals()[name] = parse(value.strip())
+
+
+_tune(os.environ.get("NBDMIRROR_ACTIVITY_LOG", ""))
 
 
 def spec_name(spec):
