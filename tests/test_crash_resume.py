@@ -48,6 +48,9 @@ SPOT, SPOT_MOVES = 256 * K, 0.002
 # Small regions that cool fast (activitylog.py's knob): in a short run,
 # regions are cleared and marked again many times.
 ACTIVITY_LOG = "region=256K,hot=4,cool=0.2,interval=0.05,checkpoint=512K"
+SLOW_FLUSH = os.path.join(os.path.dirname(__file__), "plugins",
+                          "slow_flush.py")
+FLUSH_DELAY_MS = 40
 
 
 class Writer:
@@ -186,8 +189,15 @@ class Crash:
         self.src_img = make_image(workdir / "src.img", SIZE, seed=seed)
         self.tgt_img = make_image(workdir / "tgt.img", SIZE)
         self.shadow = bytearray(random_bytes(seed, SIZE))
-        self.target = qemu_nbd(procs, self.tgt_img, workdir / "tgt.sock",
-                               extra=["--discard=unmap"])
+        if self.phase == "pivot":
+            # Each target flush takes FLUSH_DELAY: a pivot (two flushes
+            # and a durable "pivoting") lasts long enough to be hit.
+            self.target = nbdkit_server(
+                procs, workdir / "tgt.sock", "python", SLOW_FLUSH,
+                f"file={self.tgt_img}", f"delay-ms={FLUSH_DELAY_MS}")
+        else:
+            self.target = qemu_nbd(procs, self.tgt_img, workdir / "tgt.sock",
+                                   extra=["--discard=unmap"])
         if self.phase == "scan":
             # Block status takes a while: the scan lasts that long.
             self.source = nbdkit_server(
@@ -224,7 +234,7 @@ class Crash:
             else:
                 ok(qmp_execute(client, "block-job-complete",
                                device="mirror0"))
-                time.sleep(rng.uniform(0, 0.03))
+                time.sleep(rng.uniform(0, 5 * FLUSH_DELAY_MS / 1000))
         j = job(client)
         self.figures["killed-in"] = j and j["status"]
         kill_hard(proxy)
