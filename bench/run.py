@@ -22,6 +22,14 @@ runs) and prints them with their ratio and the project's aim:
      target qemu-nbd on a fresh sparse raw file: nbdmirror's time to ready
      against nbdcopy's between the same servers (aim <= 1.0), and the
      target's allocated bytes against the source's (aim <= 1.05).
+  d. the persistent bitmap (--bitmap), on a ready job (raw file source,
+     `nbdkit memory` target): guest write throughput with it against
+     without, d1 `nbdcopy --request-size=1M` of a quarter of the disk
+     (sequential; aim >= 0.9), d2 4 KiB writes at random offsets, 16 in
+     flight from one libnbd handle (aim >= 0.75); d3 SIGKILL of the proxy
+     halfway through the copy of the random-data disk, then a restart:
+     bytes copied again beyond what was still to copy, against the disk
+     size (aim <= 0.05).
 
 nbdcopy gets --flush because `ready` includes a target flush.  For the
 time-to-ready rows the runs line also shows the proxy's own view (the
@@ -64,10 +72,13 @@ class Sizes:
     sparse: int             # virtual size of the sparse source (c)
     sparse_data: int        # data in it, in 1 MiB pieces spread evenly
     timeout: float          # seconds one copy may take
+    ops: int                # random 4K writes per run (d2)
 
 
-FULL = Sizes(data=1 * GiB, sparse=64 * GiB, sparse_data=256 * MiB, timeout=300)
-QUICK = Sizes(data=64 * MiB, sparse=4 * GiB, sparse_data=16 * MiB, timeout=60)
+FULL = Sizes(data=1 * GiB, sparse=64 * GiB, sparse_data=256 * MiB, timeout=300,
+             ops=40000)
+QUICK = Sizes(data=64 * MiB, sparse=4 * GiB, sparse_data=16 * MiB, timeout=60,
+              ops=4000)
 
 
 class Interrupted(BaseException):
@@ -263,6 +274,116 @@ def measure_read(bench, row, proxy_uri, direct_uri, size, request):
         getattr(row, side).append(rate)
 
 
+def proxy_with_job(bench, source, target, *, bitmap=None, **opts):
+    """A proxy with a start-up job (and --bitmap, if given), ready."""
+    proxy = start_proxy(bench.procs, source, bench.sock("guest"),
+                        bench.sock("qmp"), target=target, bitmap=bitmap,
+                        timeout=WAIT, cwd=bench.dir,
+                        env=nbdmirror_env(repo_first=False), **opts)
+    proxy.qmp = qmp_connect(proxy.control, timeout=30)
+    bench.clients.append(proxy.qmp)
+    return proxy
+
+
+def wait_status(bench, proxy, status, timeout):
+    """The job's query-block-jobs entry once its status is `status`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = command(proxy.qmp, "query-block-jobs")
+        if jobs and jobs[0]["status"] == status:
+            return jobs[0]
+        if not jobs or jobs[0].get("error"):
+            raise BenchError(f"job {jobs}: not {status}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"job not {status} within {timeout} s")
+        time.sleep(0.01)
+
+
+def random_writes(uri, size, count, depth=16, block=4096, seed=3):
+    """`count` writes of `block` bytes at random aligned offsets, `depth`
+    in flight on one libnbd handle; returns MB/s."""
+    import nbd
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    buf = nbd.Buffer.from_bytearray(bytearray(rng.randbytes(block)))
+    blocks = size // block
+    issued = 0
+    t0 = time.monotonic()
+    while issued < count or h.aio_in_flight():
+        while issued < count and h.aio_in_flight() < depth:
+            h.aio_pwrite(buf, rng.randrange(blocks) * block,
+                         completion=lambda err: 1)
+            issued += 1
+        h.poll(-1)
+    t = time.monotonic() - t0
+    h.shutdown()
+    return count * block / 1e6 / t
+
+
+def measure_bitmap_writes(bench, row, source, size, kind):
+    """d1/d2: a ready job's guest write rate with --bitmap (ours) and
+    without (base), each on a fresh proxy and target."""
+    seq = bench.path("seq-data.img")
+    if kind == "seq" and not os.path.exists(seq):
+        make_image(seq, size // 4, seed=4, fsync=True)
+    for i, side in interleaved(bench.runs):
+        tgt, p = bench.nbdkit("memory", str(size))
+        bitmap = bench.path(f"bm-{kind}-{i}") if side == "ours" else None
+        proxy = proxy_with_job(bench, source, tgt, bitmap=bitmap)
+        try:
+            wait_status(bench, proxy, "ready", bench.sizes.timeout)
+            if kind == "seq":
+                rate = size // 4 / 1e6 / bench.tool(
+                    ["nbdcopy", f"--request-size={MiB}", seq, proxy.uri])
+            else:
+                rate = random_writes(proxy.uri, size, bench.sizes.ops)
+            getattr(row, side).append(rate)
+        finally:
+            close_quietly(proxy.qmp)
+            bench.stop(proxy.proc)
+            bench.stop(p)
+
+
+def measure_recopy(bench, row, source, size):
+    """d3: SIGKILL halfway through the copy, restart, compare."""
+    for i in range(bench.runs):
+        tgt, p = bench.nbdkit("memory", str(size))
+        bitmap = bench.path(f"bm-kill-{i}")
+        # A speed limit keeps the copy going long enough to pick a moment.
+        proxy = proxy_with_job(bench, source, tgt, bitmap=bitmap,
+                               speed=f"{max(size // 4 // MiB, 1)}M")
+        try:
+            deadline = time.monotonic() + bench.sizes.timeout
+            while True:
+                job = command(proxy.qmp, "query-block-jobs")[0]
+                if job["offset"] >= size // 2:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError("the copy did not reach half way")
+                time.sleep(0.005)
+            with open(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/"
+                      f"children") as f:
+                os.kill(int(f.read().split()[0]), signal.SIGKILL)
+            left = job["len"] - job["offset"]
+            proxy.proc.wait(10)
+        finally:
+            close_quietly(proxy.qmp)
+            bench.stop(proxy.proc)
+        proxy = proxy_with_job(bench, source, tgt, bitmap=bitmap)
+        try:
+            again = wait_status(bench, proxy, "ready",
+                                bench.sizes.timeout)["offset"]
+        finally:
+            close_quietly(proxy.qmp)
+            bench.stop(proxy.proc)
+            bench.stop(p)
+        row.ours.append(max(0, again - left) / MiB)
+        row.base.append(size / MiB)
+        row.note = (f"last run: {again / MiB:.0f} MiB copied again, "
+                    f"{left / MiB:.0f} MiB were still to copy")
+
+
 def allocated(path):
     return os.stat(path).st_blocks * 512
 
@@ -362,6 +483,28 @@ def run_all(bench, rows):
     for proxy in (proxy_file, proxy_nbd):
         close_quietly(proxy.qmp)
         bench.stop(proxy.proc)
+
+    # d: the persistent bitmap's cost, on a sparse copy of the disk (the
+    # guest writes it), and what a crash costs, on the random data.
+    blank = bench.path("blank.img")
+    with open(blank, "wb") as f:
+        f.truncate(s.data)
+    for r, measure, args in [
+            (row("d1", "guest seq. write 1M, --bitmap vs without",
+                 unit="MB/s", aim=(">=", 0.9)),
+             measure_bitmap_writes, (blank, s.data, "seq")),
+            (row("d2", "guest random write 4K, --bitmap vs without",
+                 unit="MB/s", aim=(">=", 0.75)),
+             measure_bitmap_writes, (blank, s.data, "random")),
+            (row("d3", f"SIGKILL mid-copy: copied again, vs disk",
+                 unit="MiB", aim=("<=", 0.05)),
+             measure_recopy, (rnd, s.data))]:
+        log(f"{r.key}: {r.what}")
+        try:
+            measure(bench, r, *args)
+        except BenchError as e:
+            r.error = str(e)
+    os.unlink(blank)
     os.unlink(rnd)
 
     virt = f"{s.sparse // GiB} GiB"
@@ -394,7 +537,8 @@ def fmt_value(v, unit):
 
 
 def print_table(rows, bench):
-    base_name = {"a": "nbdcopy", "b": "direct", "c": "nbdcopy"}
+    base_name = {"a": "nbdcopy", "b": "direct", "c": "nbdcopy",
+                 "d": "without"}
     print()
     print(f"nbdmirror benchmark: best of {bench.runs}, {os.cpu_count()} cores,"
           f" load average {bench.load[0]:.1f} -> {bench.load[-1]:.1f}"
@@ -404,7 +548,7 @@ def print_table(rows, bench):
     print(head)
     print("-" * len(head))
     for r in rows:
-        base = "source" if r.key == "c2" else base_name[r.key[0]]
+        base = {"c2": "source", "d3": "disk"}.get(r.key, base_name[r.key[0]])
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
         aim = f"{r.aim[0]} {r.aim[1]}" if r.aim else ""
         print(f"{r.key:3} {r.what:47} {fmt_value(r.best(r.ours), r.unit):>11}"

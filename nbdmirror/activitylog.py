@@ -33,7 +33,10 @@ How (as DRBD's activity log, over REGION-byte regions):
   * The end (job_ended): a pivot is recorded, synced, before the guest is
     switched (pivoting) and after (pivoted); a cancel or a failure leaves
     its state.  A clean shutdown (suspend, then the job's end) flushes the
-    target and writes the exact in-memory bitmap, state still active.
+    target and writes the exact in-memory bitmap, state still active; and
+    since guests may write until the proxy closes, the log goes on marking
+    their regions (the job stays the guest path's tracker: job.Job.run)
+    until close().
 
 Threads: `_lock` guards every field and orders every write to the file;
 `_cond` (same lock) lets writers wait for a sync, which runs without it.
@@ -145,6 +148,7 @@ class NoLog:
     """The hooks of a job without a persistent bitmap: nothing to do."""
     resumed = False
     persistent = False
+    suspended = False
 
     def attach(self, bitmap, locks):
         pass
@@ -476,6 +480,10 @@ class ActivityLog(NoLog):
         with self._lock:
             self._suspended = True
 
+    @property
+    def suspended(self):
+        return self._suspended
+
     def job_ended(self, outcome, target):
         """The job thread, after the job's last copy, before it lets the
         target go.  outcome: "pivoted", "cancelled" or "failed"; after
@@ -484,27 +492,27 @@ class ActivityLog(NoLog):
         with self._lock:
             if self._ended:
                 return
-            self._ended = True
-            suspended = self._suspended
+            suspended = self._suspended and outcome != "pivoted"
+            self._ended = not suspended     # suspended: guests still marked
         if outcome == "pivoted":
             return                          # recorded; kept until close()
         try:
             if suspended:
                 if _flush(target, SAVE_FLUSH_TIMEOUT):
                     self._save_exact()
-            else:
-                with self._lock:
-                    self.file.set_state(CANCELLED if outcome == "cancelled"
-                                        else FAILED)
+                return                      # marking until close()
+            with self._lock:
+                self.file.set_state(CANCELLED if outcome == "cancelled"
+                                    else FAILED)
         except OSError:
             pass        # the marks in the file are still a superset
-        finally:
-            if outcome != "pivoted":
-                self.close()
+        if not suspended:
+            self.close()
 
     def _save_exact(self):
         """The in-memory bitmap, chunks in flight and regions a guest
-        request is still in, durably."""
+        request is still in, durably.  Then a region is full (a guest
+        request there needs no mark) only if every chunk of it is marked."""
         with self._lock:
             image = bitmapfile.new_image(self.chunks)
             bits = self.bitmap.snapshot() | self.locks.snapshot()
@@ -513,8 +521,15 @@ class ActivityLog(NoLog):
                 c0, c1 = self._chunks(r)
                 image[c0:c1] = 1
             self.image = image
+            for r in range(self.regions):
+                c0, c1 = self._chunks(r)
+                n = image.count(1, c0, c1)
+                self.marked[r] = n > 0
+                self.full[r] = n == c1 - c0
             self.file.write_chunks(image, 0, self.chunks)
             self.file.sync()
+            self._pending.clear()
+            self._synced = self._written
 
     def dirty_marks(self):
         """Chunks marked in the file (for tests and diagnostics)."""

@@ -300,7 +300,10 @@ class Job:
                 self.state.fail()
             self._abort()
         finally:
-            if not self.pivoted:
+            # persistent bitmap: after a clean shutdown's suspension the
+            # job stays the guest path's tracker, so that the file goes on
+            # marking what guests write until the proxy closes.
+            if not self.pivoted and not self.persist.suspended:
                 self.guest.set_mirror(None)
             self.bitmap.on_dirty = None
             # persistent bitmap: the file records how the job ended (or,

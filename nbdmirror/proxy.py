@@ -20,10 +20,10 @@ hooks marked so:
     or makes it anew (activitylog.prepare refuses what does not fit).
   * drive-mirror with `bitmap` does the same; it resumes only if no guest
     request changed the disk since the proxy started (nothing tracked it).
-  * Shutdown (quit, signals): a job with a persistent bitmap keeps tracking
-    guest writes until the guests are gone; close() then stops it as a
-    suspension, which leaves the file resumable with the exact bitmap.
-    The files are held (locked) until close().
+  * Shutdown (quit, signals) stops a job with a persistent bitmap as a
+    suspension: the file stays resumable, with the exact bitmap, and goes
+    on marking what guests write until close() (activitylog.py).  The
+    files are held (locked) until close().
 """
 
 import sys
@@ -231,11 +231,7 @@ class Proxy:
             if self._quitting:
                 return
             self._quitting = True
-        job = self.job
-        if job is None or not job.persist.persistent:
-            self.stop_job()
-        # persistent bitmap: the job goes on tracking guest writes until the
-        # guests are gone; close() stops it then (see stop_job).
+        self.stop_job()
         self._shutdown()                # nbdkit: accept no new guest
         spare = () if self.qmp is None else (self.qmp.address,)
         lifecycle.disconnect_guests(spare)

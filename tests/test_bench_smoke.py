@@ -11,7 +11,8 @@ import pytest
 from helpers import REPO
 
 BENCH = os.path.join(REPO, "bench", "run.py")
-ROWS = ("a1", "a2", "b1", "b2", "b3", "b4", "b5", "b6", "c1", "c2")
+ROWS = ("a1", "a2", "b1", "b2", "b3", "b4", "b5", "b6", "c1", "c2", "d1",
+        "d2", "d3")
 
 
 def live_processes_mentioning(text):

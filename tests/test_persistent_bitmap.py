@@ -20,7 +20,8 @@ from helpers import (REPO, EventLog, guest_write, make_image, nbd_read_all,
                      qemu_io, qemu_nbd, qmp_execute, random_bytes,
                      sha256_file, start_proxy)
 from nbdmirror import activitylog, bitmapfile
-from test_crash_resume import kill_hard, wait_job
+from test_crash_resume import Writer, kill_hard, matches, wait_job
+import test_quit
 from test_sync_modes import qcow2_io, top_chain, top_clusters  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
@@ -152,6 +153,27 @@ def test_clean_restart_copies_exactly_the_dirty_bytes(workdir, procs, qmp):
     assert r.ready()["offset"] == dirty
     r.complete()
     assert read(r.tgt) == bytes(r.shadow)
+
+
+@pytest.mark.parametrize("phase", ["copying", "ready"])
+def test_quit_while_a_guest_writes_loses_no_write(phase, workdir, procs, qmp):
+    """Guests write until the proxy is gone: after the suspension's exact
+    save too, their writes are marked before they reach the source."""
+    r = Rig(workdir, procs, qmp)
+    r.start(speed="4M" if phase == "copying" else None)
+    wait_job(r.client, ("running" if phase == "copying" else "ready",))
+    writer = Writer(r.proxy.uri, 5, r.shadow).start()
+    while writer.ops < 200:
+        time.sleep(0.01)
+    ok(qmp_execute(r.client, "quit"))
+    assert r.proxy.proc.wait(5) == 0
+    writer.stop(died=True)
+    r.start()
+    r.ready()
+    source = read(r.src)
+    assert read(r.tgt) == source
+    pending = writer.pending
+    assert matches(source, r.shadow, pending) is None
 
 
 def test_a_copy_stopped_midway_resumes_where_it_was(workdir, procs, qmp):
@@ -411,3 +433,41 @@ def test_a_block_status_error_in_the_scan_goes_through_on_source_error(
     trigger.unlink()                    # healed: the job goes on
     log.wait("BLOCK_JOB_READY")
     assert read(tgt) == read(src_img)
+
+
+# -- quit stays bounded -------------------------------------------------------------------------
+
+class QuitRig(test_quit.Rig):
+    """test_quit's rig, its job with a persistent bitmap (drive-mirror)."""
+
+    def start_job(self):
+        args = {"job-id": JOB, "bitmap": str(self.bitmap)}
+        if self.phase == "write-blocking-ready":
+            args["copy-mode"] = "write-blocking"
+        if self.phase == "target-stopped":
+            args["speed"] = 1 * M
+        ok(qmp_execute(self.client, "drive-mirror", device="disk0",
+                       target=self.target.uri, sync="full", **args))
+        if self.phase.endswith("ready"):
+            self.log.wait("BLOCK_JOB_READY")
+        else:
+            self.log.wait("JOB_STATUS_CHANGE", "running")
+
+
+@pytest.mark.parametrize("phase", [p for p in test_quit.PHASES
+                                   if p != "no-job"])
+def test_quit_with_a_persistent_bitmap_exits_within_5s(workdir, procs, qmp,
+                                                       phase):
+    """As test_quit's, with busy guests; the file stays resumable."""
+    r = QuitRig(workdir, procs, qmp, phase)
+    r.bitmap = workdir / "dirty.bitmap"
+    r.start_job()
+    load = test_quit.GuestLoad(r.proxy.uri, depth=8,
+                               kinds=("write", "read")).start()
+    load.wait_ops(16)
+    with r.stalled():
+        if phase == "target-stopped":
+            load.wait_ops(load.ops + 16)
+        r.quit_exits_within(5)
+    load.stop()
+    assert marks(r.bitmap)[0] == "active"
