@@ -13,6 +13,9 @@ Invariants (enforced here, relied on by guest.py and copier.py):
     again if the copy fails.  So a guest write that races a copy always leaves
     its range dirty.  See guest.GuestIO.pwrite and copier.Copier.
 
+A job with a persistent bitmap (activitylog.py) keeps the file's marks a
+superset of these bits, durably, and a resumed job starts from them (load).
+
 Finding the next dirty chunk is a C-speed bitarray search from a cursor, so a
 whole pass over a 16M-chunk bitmap costs one scan, not one per step.
 """

@@ -30,7 +30,10 @@ Invariants (the copier and the job rely on them):
     (pivot, end of a soft cancel) or in a way no request can miss: the job
     sets `mirror` before its initial scan (a write in flight at that moment
     is then tracked by its dirty bit or seen by the scan), and clears it
-    when it ends, after which its bitmap no longer matters.
+    when it ends, after which its bitmap no longer matters.  A resumed job
+    (persistent bitmap, no scan) sets it before the guest is served or
+    writes; a job suspended by a clean shutdown keeps it, so that its
+    bitmap file goes on marking guest writes until the proxy closes.
 """
 
 import threading
