@@ -19,7 +19,8 @@ hooks marked so:
     once the endpoints are checked, the start-up job resumes from the file
     or makes it anew (activitylog.prepare refuses what does not fit).
   * drive-mirror with `bitmap` does the same; it resumes only if no guest
-    request changed the disk since the proxy started (nothing tracked it).
+    request changed the disk since the proxy started (nothing tracked it),
+    which it decides with guest I/O held until the job tracks writes.
   * Shutdown (quit, signals) stops a job with a persistent bitmap as a
     suspension: the file stays resumable, with the exact bitmap, and goes
     on marking what guests write until close() (activitylog.py).  The
@@ -41,6 +42,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
 SOFT_STOP = 2.5         # seconds a soft cancel may take at quit
 ABORT_STOP = 2.5        # seconds a force cancel may take (job.py: ~2)
+RESUME_HOLD = 5.0       # seconds drive-mirror with a bitmap may hold guests
 
 
 class Proxy:
@@ -187,18 +189,30 @@ class Proxy:
             target = self._open_target(self.guest.backend, job_opts)
         except endpoints.EndpointError as e:
             raise JobError(str(e)) from None
-        bfile = None
+        if not job_opts.bitmap:
+            self._start_job(job_opts, target)
+            return
+        # persistent bitmap: resume only if no guest request changed the
+        # disk untracked.  Guest I/O is held meanwhile, so that none can
+        # slip in between that check and the job's tracking (Job.start).
+        gate, bfile = self.guest.gate, None
+        gate.close()
         try:
-            # persistent bitmap: resume only if nothing went untracked
-            bfile = self._open_bitmap_file(job_opts)
-            log = self._prepare_log(job_opts, bfile, self.guest.backend,
-                                    resume_ok=not self.guest.changed)
-        except bitmapfile.BitmapFileError as e:
-            target.close()
-            if bfile is not None:
-                bfile.close()
-            raise JobError(str(e)) from None
-        self._start_job(job_opts, target, log)
+            try:
+                if not gate.wait_empty(RESUME_HOLD):
+                    raise JobError(f"bitmap: guest requests did not pause "
+                                   f"within {RESUME_HOLD:.0f} s")
+                bfile = self._open_bitmap_file(job_opts)
+                log = self._prepare_log(job_opts, bfile, self.guest.backend,
+                                        resume_ok=not self.guest.changed)
+            except (JobError, bitmapfile.BitmapFileError) as e:
+                target.close()
+                if bfile is not None:
+                    bfile.close()
+                raise JobError(str(e)) from None
+            self._start_job(job_opts, target, log)
+        finally:
+            gate.open()
 
     def _check_idle(self):
         job = self.job
