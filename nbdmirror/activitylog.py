@@ -249,7 +249,7 @@ class ActivityLog(NoLog):
         return offset >> self.region_shift, \
             ((end - 1) >> self.region_shift) + 1
 
-    # -- the job's bitmap ------------------------------------------------------
+    # -- the job's bitmap -----------------------------------------------------
     def attach(self, bitmap, locks):
         """The job's in-memory bitmap and chunk locks; a resumed job's
         bitmap starts as the file's marks."""
@@ -263,7 +263,7 @@ class ActivityLog(NoLog):
         with self._lock:
             self._scanned = True
 
-    # -- guest threads -----------------------------------------------------------
+    # -- guest threads --------------------------------------------------------
     def before_write(self, offset, length):
         """Before a data-changing guest request reaches the source: returns
         once its regions are durably marked.  Raises OSError (and counts
@@ -360,7 +360,7 @@ class ActivityLog(NoLog):
                 raise error
             self._synced = max(self._synced, upto)
 
-    # -- the job thread: checkpoints ------------------------------------------------
+    # -- the job thread: checkpoints ------------------------------------------
     def checkpoint_due(self, done_bytes):
         """Time for a checkpoint flush (see the module docstring)?"""
         with self._lock:
@@ -458,7 +458,7 @@ class ActivityLog(NoLog):
             for c0, c1 in runs:
                 self.file.write_chunks(self.image, c0, c1)
 
-    # -- the job's end -------------------------------------------------------------
+    # -- the job's end --------------------------------------------------------
     def pivoting(self):
         """With the guest held, source and target equal and flushed: from
         now on a restart must serve the target.  Durable on return."""

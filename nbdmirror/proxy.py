@@ -92,7 +92,7 @@ class Proxy:
                 bfile.close()
             raise
 
-    # -- persistent bitmap -------------------------------------------------------
+    # -- persistent bitmap ----------------------------------------------------
     def _open_bitmap_file(self, job_opts):
         """The job's bitmap file, open and locked, or None."""
         if job_opts is None or not job_opts.bitmap:

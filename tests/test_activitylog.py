@@ -19,7 +19,6 @@ import pytest
 from bitarray import bitarray
 
 from nbdmirror import activitylog, bitmapfile
-from nbdmirror.activitylog import ActivityLog
 from nbdmirror.bitmap import DirtyBitmap
 from nbdmirror.bitmapfile import HEADER, SECTOR, SECTOR_BITS, BitmapFile
 from nbdmirror.chunklocks import ChunkLocks

@@ -334,5 +334,6 @@ def test_sigkill_soak(tmp_path_factory, capsys):
         for key, n in sorted(by.items(), key=str):
             print(f"  phase {key[0]:8} killed in {str(key[1]):9} "
                   f"file {key[2]:8}: {n}")
-        print(f"  re-copied / disk size: mean {sum(recopied) / len(recopied):.2f}"
-              f", max {max(recopied):.2f}")
+        mean = sum(recopied) / len(recopied)
+        print(f"  re-copied / disk size: mean {mean:.2f}, "
+              f"max {max(recopied):.2f}")

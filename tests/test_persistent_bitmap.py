@@ -17,12 +17,12 @@ import pytest
 
 from helpers import (REPO, EventLog, guest_write, make_image, nbd_read_all,
                      nbdkit_server, nbdmirror_env, ok, qemu_img_compare,
-                     qemu_io, qemu_nbd, qmp_execute, random_bytes,
+                     qemu_nbd, qmp_execute, random_bytes,
                      sha256_file, start_proxy)
 from nbdmirror import activitylog, bitmapfile
 from test_crash_resume import Writer, kill_hard, matches, wait_job
 import test_quit
-from test_sync_modes import qcow2_io, top_chain, top_clusters  # noqa: F401
+from test_sync_modes import top_chain, top_clusters  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -117,7 +117,7 @@ class Rig:
         activitylog.prepare(bf, bitmapfile.identity(**ident)).close()
 
 
-# -- clean restarts -------------------------------------------------------------------
+# -- clean restarts -----------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["quit", "sigterm"])
 def test_clean_restart_of_an_idle_ready_job_copies_nothing(
@@ -191,7 +191,7 @@ def test_a_copy_stopped_midway_resumes_where_it_was(workdir, procs, qmp):
     assert read(r.tgt) == bytes(r.shadow)
 
 
-# -- refusals ----------------------------------------------------------------------------
+# -- refusals -----------------------------------------------------------------
 
 def corrupt(path):
     with open(path, "r+b") as f:
@@ -269,7 +269,7 @@ def test_a_cancelled_job_leaves_a_file_that_says_so(force, workdir, procs,
         in line
 
 
-# -- pivots --------------------------------------------------------------------------------
+# -- pivots -------------------------------------------------------------------
 
 def test_after_a_pivot_a_restart_serves_the_target(workdir, procs, qmp):
     r = Rig(workdir, procs, qmp)
@@ -308,7 +308,7 @@ def test_after_a_pivot_another_target_is_refused(workdir, procs, qmp):
     assert sha256_file(other) == before
 
 
-# -- drive-mirror ----------------------------------------------------------------------------
+# -- drive-mirror -------------------------------------------------------------
 
 def test_drive_mirror_with_a_bitmap_resumes_only_if_nothing_went_untracked(
         workdir, procs, qmp):
@@ -350,7 +350,7 @@ def test_drive_mirror_refuses_a_bitmap_that_is_another_file_of_the_proxy(
         "the same file as source" in reply["error"]["desc"], reply
 
 
-# -- sync modes -------------------------------------------------------------------------------
+# -- sync modes ---------------------------------------------------------------
 
 def test_sync_none_resumes_after_sigkill(workdir, procs, qmp):
     """After a crash the job copies again whole hot regions (4 MiB, in
@@ -404,7 +404,7 @@ def test_sync_top_resumes_after_sigkill(workdir, procs, qmp, top_chain):
     assert top_clusters(tgt) <= top_clusters(top)
 
 
-# -- issue 11, point 5: the scan's errors go through the policy ---------------------------------
+# -- issue 11, point 5: the scan's errors go through the policy ---------------
 
 @pytest.mark.parametrize("policy", ["report", "ignore"])
 def test_a_block_status_error_in_the_scan_goes_through_on_source_error(
@@ -435,7 +435,7 @@ def test_a_block_status_error_in_the_scan_goes_through_on_source_error(
     assert read(tgt) == read(src_img)
 
 
-# -- quit stays bounded -------------------------------------------------------------------------
+# -- quit stays bounded -------------------------------------------------------
 
 class QuitRig(test_quit.Rig):
     """test_quit's rig, its job with a persistent bitmap (drive-mirror)."""
