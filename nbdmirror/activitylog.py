@@ -4,7 +4,7 @@ The rule (R) this module keeps, for what is durable in the file at every
 moment (so after a crash or a power loss too):
 
     a chunk's mark is clear only if the target holds, flushed, what the
-    source holds there, and no guest write to it is in progress.
+    source holds, flushed, there, and no guest write to it is in progress.
 
 How (as DRBD's activity log, over REGION-byte regions):
 
@@ -16,9 +16,12 @@ How (as DRBD's activity log, over REGION-byte regions):
     (group commit): whoever syncs, syncs for every mark written before it
     began, and the others wait for it.  While a request is in progress its
     regions count it in `_active`.
-  * Clearing (flush_started / flushed, the job thread, around a target
-    flush).  A flush makes durable every copy that completed before it was
-    sent.  So a region is cleared in the file after a successful flush if,
+  * Clearing (flush_started / flushed, the job thread, around a flush of
+    the target and one of the source).  A target flush makes durable every
+    copy that completed before it was sent, and the source flush what those
+    copies read (a guest's unflushed write that a power loss of the
+    source's host would take back, while the target kept it).  So a region
+    is cleared in the file after both flushes succeeded if,
     from before the flush was sent until now, no guest request was in
     progress in it or began in it (`_touched` counts them), nothing in it
     was dirty in memory and no copy of it was in flight (its chunks held in
@@ -180,7 +183,7 @@ class NoLog:
     def suspend(self):
         pass
 
-    def job_ended(self, outcome, target):
+    def job_ended(self, outcome, target, source):
         pass
 
     def close(self):
@@ -423,8 +426,9 @@ class ActivityLog(NoLog):
             not self.locks.any_held(c0, c1)
 
     def flushed(self, token):
-        """The flush sent after flush_started() returned `token`
-        succeeded: clear what may be cleared (written, not synced)."""
+        """The flushes (target and source) sent after flush_started()
+        returned `token` succeeded: clear what may be cleared (written, not
+        synced)."""
         if token is None:
             return
         seq0, candidates = token
@@ -484,11 +488,12 @@ class ActivityLog(NoLog):
     def suspended(self):
         return self._suspended
 
-    def job_ended(self, outcome, target):
+    def job_ended(self, outcome, target, source):
         """The job thread, after the job's last copy, before it lets the
         target go.  outcome: "pivoted", "cancelled" or "failed"; after
         suspend() the file stays active instead, with the exact bitmap if
-        the target could be flushed (else the marks stay: a superset)."""
+        target and source could be flushed (else the marks stay: a
+        superset)."""
         with self._lock:
             if self._ended:
                 return
@@ -498,7 +503,8 @@ class ActivityLog(NoLog):
             return                          # recorded; kept until close()
         try:
             if suspended:
-                if _flush(target, SAVE_FLUSH_TIMEOUT):
+                if _flush(target, SAVE_FLUSH_TIMEOUT) and \
+                        _flush(source, SAVE_FLUSH_TIMEOUT):
                     self._save_exact()
                 return                      # marking until close()
             with self._lock:
@@ -542,15 +548,15 @@ class ActivityLog(NoLog):
             self.file.close()
 
 
-def _flush(target, timeout):
-    """Flush `target` (an endpoint), bounded: True if it succeeded."""
+def _flush(endpoint, timeout):
+    """Flush `endpoint`, bounded: True if it succeeded."""
     done, result = threading.Event(), []
 
     def flushed(err):
         result.append(err)
         done.set()
     try:
-        target.aio_flush(flushed)
-    except Exception:           # noqa: BLE001 - a dead target: no flush
+        endpoint.aio_flush(flushed)
+    except Exception:           # noqa: BLE001 - a dead endpoint: no flush
         return False
     return done.wait(timeout) and result[0] == 0

@@ -308,7 +308,8 @@ class Job:
             self.bitmap.on_dirty = None
             # persistent bitmap: the file records how the job ended (or,
             # at a clean shutdown, the exact bitmap), target still open.
-            self.persist.job_ended(self._outcome(), self.target)
+            self.persist.job_ended(self._outcome(), self.target,
+                                   self.source)
             self.locks.abandon()
             if not self.pivoted:
                 self.target.close()
@@ -414,18 +415,28 @@ class Job:
         failed one clears nothing (the copy's own errors are reported)."""
         pending = self._checkpoint_flush
         if pending is not None:
-            token, result = pending
-            if result:
+            token, results = pending
+            if len(results) == 2:           # source and target flushed
                 self._checkpoint_flush = None
-                if result[0] == 0:
+                if not any(results):
                     self.persist.flushed(token)
             return
         done = self.copier.done_bytes
         if self.persist.checkpoint_due(done):
-            result = []
+            results = []
             self._checkpoint_flush = (self.persist.flush_started(done),
-                                      result)
-            self.copier.start_flush(result.append)
+                                      results)
+            self._flush_source(results.append)
+            self.copier.start_flush(results.append)
+
+    def _flush_source(self, done):
+        """persistent bitmap: a region is cleared only once what was
+        copied is durable on both sides: a power loss of the source's host
+        must not take back data the target keeps."""
+        def flushed(err):
+            done(err)
+            self.copier.wake()
+        self.source.aio_flush(flushed)
 
     def _pause_step(self):
         """Let in-flight copies finish, then sit still until woken."""
@@ -444,8 +455,10 @@ class Job:
         """Flush the target while the copier goes on.  True if it worked;
         False on an abort, or on an error or a timeout (both through the
         error policy)."""
-        result = []
+        result, source_result = [], []
         token = self.persist.flush_started()     # persistent bitmap
+        if token is not None:
+            self._flush_source(source_result.append)
         self.copier.start_flush(result.append)
         while not result:
             if self._aborting():
@@ -461,7 +474,8 @@ class Job:
         if result[0]:
             self._on_error(CopyError("write", result[0], 0, "target flush"))
             return False
-        self.persist.flushed(token)     # persistent bitmap: may clear now
+        if source_result == [0]:        # persistent bitmap: may clear now
+            self.persist.flushed(token)
         return True
 
     def _finish(self, action):

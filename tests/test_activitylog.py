@@ -277,6 +277,36 @@ def test_a_failed_sync_fails_the_guest_write_and_leaves_the_source(
     assert job.wait(10)
 
 
+class UnflushableSource(FileEndpoint):
+    """A source whose flushes fail: what was copied from it is not known
+    durable there, so nothing may be cleared."""
+
+    def aio_flush(self, done):
+        done(5)
+
+
+def test_no_clear_unless_the_source_flushed_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(activitylog, "COOL_AFTER", 0.0)
+    monkeypatch.setattr(activitylog, "CHECKPOINT_INTERVAL", 0.01)
+    Disk(monkeypatch)
+    size = 16 * M
+    for source, cleared in ((UnflushableSource, False), (FileEndpoint, True)):
+        src = source(raw(tmp_path / "src", size, seed=2))
+        tgt = FileEndpoint(raw(tmp_path / "tgt", size))
+        log = open_log(tmp_path / f"bm-{cleared}", size)
+        opts = make_job_options({"target": "nbd://t/", "granularity": GRAN})
+        job = Job(opts, GuestIO(src), src, tgt, lambda *a: None, persist=log)
+        job.start()
+        wait_for(lambda: job.status == "ready", what="ready")
+        deadline = time.monotonic() + 0.3       # some checkpoints
+        while time.monotonic() < deadline and not log.cleared:
+            time.sleep(0.01)
+        assert bool(log.cleared) is cleared
+        assert (log.dirty_marks() == 0) is cleared
+        job.cancel(force=True)
+        assert job.wait(10)
+
+
 class Parts:
     """A log over a real file with a bare bitmap and chunk locks."""
 
