@@ -123,6 +123,7 @@ class BitmapFile:
 
     def __init__(self, path, fd):
         self.path, self.fd = path, fd
+        self.created = False        # open() made it (empty)
         self.header = None
         self.problem = None         # why the header cannot be used
         self._seq = 0
@@ -135,7 +136,9 @@ class BitmapFile:
         header.  Refuses a file held by another proxy, a file that is not
         ours, and one whose header is unreadable."""
         for _ in range(10):
-            self = cls(path, cls._open_fd(path))
+            fd, created = cls._open_fd(path)
+            self = cls(path, fd)
+            self.created = created
             try:
                 if self._lock():
                     self._read_header()
@@ -158,7 +161,7 @@ class BitmapFile:
             if st is None:
                 try:
                     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL |
-                                   os.O_CLOEXEC, 0o600)
+                                   os.O_CLOEXEC, 0o600), True
                 except FileExistsError:
                     pass
             # O_NONBLOCK: a FIFO put there meanwhile must not hang us.
@@ -168,7 +171,7 @@ class BitmapFile:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise cls._error(path, "not a regular file; not using it")
-        return fd
+        return fd, False
 
     def _lock(self):
         """Lock; False if `path` no longer names the file we locked (a
@@ -374,6 +377,20 @@ class BitmapFile:
             os.fsync(d)
         finally:
             os.close(d)
+
+    def abandon(self):
+        """A start that failed: remove the file if open() made it and
+        nothing was written to it since (a refusal leaves nothing behind);
+        then close."""
+        try:
+            if self.created and self.header is None and self.fd >= 0:
+                mine, st = os.fstat(self.fd), os.stat(self.path)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and \
+                        not st.st_size:
+                    os.unlink(self.path)
+        except OSError:
+            pass
+        self.close()
 
     def close(self):
         """Release the lock (closing the file)."""

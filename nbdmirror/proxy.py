@@ -89,7 +89,7 @@ class Proxy:
                 self._startup = (job_opts, target, log)
         except BaseException:
             if bfile is not None:
-                bfile.close()
+                bfile.abandon()
             raise
 
     # -- persistent bitmap ----------------------------------------------------
@@ -208,7 +208,7 @@ class Proxy:
             except (JobError, bitmapfile.BitmapFileError) as e:
                 target.close()
                 if bfile is not None:
-                    bfile.close()
+                    bfile.abandon()
                 raise JobError(str(e)) from None
             self._start_job(job_opts, target, log)
         finally:

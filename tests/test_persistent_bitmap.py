@@ -234,6 +234,19 @@ def test_a_bitmap_file_that_does_not_fit_is_refused_then_discarded(
     assert read(r.tgt) == bytes(r.shadow)
 
 
+def test_a_refused_start_leaves_no_bitmap_file(workdir, procs, qmp):
+    r = Rig(workdir, procs, qmp)
+    r.target = r.target.replace("tgt.sock", "nowhere.sock")
+    proc = procs.start(
+        [sys.executable, "-m", "nbdmirror", "serve", "--foreground",
+         "--source", r.src, "--socket", workdir / "g.sock", "--control",
+         workdir / "qmp.sock", "--target", r.target, "--bitmap", r.bitmap],
+        name="nbdmirror", env=nbdmirror_env(), cwd=REPO)
+    assert proc.wait(20) == 1
+    assert "nowhere.sock" in procs.output(proc)
+    assert not r.bitmap.exists()
+
+
 def test_a_bitmap_file_in_use_by_another_proxy_is_refused(workdir, procs,
                                                            qmp):
     r = Rig(workdir, procs, qmp)
