@@ -64,7 +64,7 @@ from .options import is_nbd_uri
 from .sizes import to_bytes
 
 REGION = 4 << 20            # bytes per region (DRBD's activity log extent)
-MAX_HOT = 64                # regions kept marked while written, at most...
+MAX_HOT = 1024              # regions kept marked while written, at most...
 COOL_AFTER = 5.0            # ... and only while written this recently
 CHECKPOINT_INTERVAL = 1.0   # s between checkpoint flushes, at least...
 CHECKPOINT_MIN_BYTES = 16 << 20     # ... unless this many bytes were copied
@@ -247,10 +247,10 @@ class ActivityLog(NoLog):
 
     def _regions(self, offset, length):
         end = min(offset + length, self.size)
-        if length <= 0 or offset >= end:
+        if offset >= end:
             return 0, 0
-        return offset >> self.region_shift, \
-            ((end - 1) >> self.region_shift) + 1
+        shift = self.region_shift
+        return offset >> shift, ((end - 1) >> shift) + 1
 
     # -- the job's bitmap -----------------------------------------------------
     def attach(self, bitmap, locks):
@@ -275,15 +275,19 @@ class ActivityLog(NoLog):
         if r0 == r1:
             return
         now = time.monotonic()
+        active, touched, recent = self._active, self._touched, self._recent
         with self._lock:
             if self._ended:
                 return
             self._seq += 1
+            seq = self._seq
             for r in range(r0, r1):
-                self._active[r] = self._active.get(r, 0) + 1
-                self._touched[r] = self._seq
-                self._recent[r] = now
-                self._recent.move_to_end(r)
+                active[r] = active.get(r, 0) + 1
+                touched[r] = seq
+                recent[r] = now
+                recent.move_to_end(r)
+            if not self._pending and not self.full.count(0, r0, r1):
+                return                  # the common case: hot already
             try:
                 self._wait_synced(self._mark(r0, r1))
             except BaseException:
@@ -298,12 +302,13 @@ class ActivityLog(NoLog):
             self._release(r0, r1)
 
     def _release(self, r0, r1):
+        active = self._active
         for r in range(r0, r1):
-            n = self._active.get(r, 0) - 1
+            n = active.get(r, 0) - 1
             if n > 0:
-                self._active[r] = n
+                active[r] = n
             else:
-                self._active.pop(r, None)
+                active.pop(r, None)
 
     def _mark(self, r0, r1):
         """With `_lock`: make regions [r0, r1) full in the file; return the
