@@ -30,9 +30,10 @@ How (as DRBD's activity log, over REGION-byte regions):
     a guest that keeps writing there pays no sync.  A clear is written but
     not synced: losing one only costs a copy.  Nothing is cleared before
     the initial scan has marked what the job must copy (`scanned`).
-  * Checkpoints: the job asks checkpoint_due() and then flushes the target
-    (job.Job._checkpoint), every CHECKPOINT_BYTES copied or CHECKPOINT_INTERVAL
-    seconds while something may be cleared, so that a crash re-copies little.
+  * Checkpoints: the job asks checkpoint_due() and then flushes target and
+    source (job.Job._checkpoint), alongside the copy, every checkpoint_bytes
+    copied (1/64 of the disk, 16M to 256M) or CHECKPOINT_INTERVAL seconds
+    while something may be cleared, so that a crash re-copies little.
   * The end (job_ended): a pivot is recorded, synced, before the guest is
     switched (pivoting) and after (pivoted); a cancel or a failure leaves
     its state.  A clean shutdown (suspend, then the job's end) flushes the
@@ -70,7 +71,7 @@ CHECKPOINT_INTERVAL = 1.0   # s between checkpoint flushes, at least...
 CHECKPOINT_MIN_BYTES = 16 << 20     # ... unless this many bytes were copied
 CHECKPOINT_MAX_BYTES = 256 << 20
 MAX_EXAMINE = 4096          # regions looked at per checkpoint, at most
-SAVE_FLUSH_TIMEOUT = 2.0    # s a clean shutdown waits for the target flush
+SAVE_FLUSH_TIMEOUT = 2.0    # s a clean shutdown waits for each flush
 
 # A knob for tests and tuning, not an option: NBDMIRROR_ACTIVITY_LOG=
 # "region=256K,hot=8,cool=0.2,interval=0.1,checkpoint=1M" overrides the
@@ -85,6 +86,9 @@ _KNOBS = {"region": ("REGION", to_bytes), "hot": ("MAX_HOT", int),
 def _tune(spec):
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
+        if key.strip() not in _KNOBS:
+            raise ValueError(f"NBDMIRROR_ACTIVITY_LOG: unknown {key!r} "
+                             f"(knows {', '.join(_KNOBS)})")
         name, parse = _KNOBS[key.strip()]
         globals()[name] = parse(value.strip())
 
@@ -168,7 +172,7 @@ class NoLog:
     def checkpoint_due(self, done_bytes):
         return False
 
-    def flush_started(self):
+    def flush_started(self, done_bytes=None):
         return None
 
     def flushed(self, token):

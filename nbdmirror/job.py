@@ -15,10 +15,10 @@ Threads and locks:
     write's regions durably before the source changes.
   * `persist` is the job's persistent bitmap (activitylog.py; NO_LOG
     without --bitmap).  The job calls it at a few hooks, each marked
-    "persistent bitmap": attach (a resumed job's marks), scanned, each
-    target flush (flush_started / flushed: regions may be cleared only
-    after a flush), periodic checkpoint flushes, the pivot (pivoting
-    before the switch, pivoted after) and the job's end.
+    "persistent bitmap": attach (a resumed job's marks), scanned,
+    checkpoints (_checkpoint: a target and a source flush alongside the
+    copy, after which copied regions may be cleared in the file), the
+    pivot (pivoting before the switch, pivoted after) and the job's end.
 `_lock` guards `state`, `_speed`, `error`, `io_status` and `copy_mode`.
 Events are emitted with it held, so their order is the order of the
 transitions.
@@ -455,10 +455,7 @@ class Job:
         """Flush the target while the copier goes on.  True if it worked;
         False on an abort, or on an error or a timeout (both through the
         error policy)."""
-        result, source_result = [], []
-        token = self.persist.flush_started()     # persistent bitmap
-        if token is not None:
-            self._flush_source(source_result.append)
+        result = []
         self.copier.start_flush(result.append)
         while not result:
             if self._aborting():
@@ -474,8 +471,6 @@ class Job:
         if result[0]:
             self._on_error(CopyError("write", result[0], 0, "target flush"))
             return False
-        if source_result == [0]:        # persistent bitmap: may clear now
-            self.persist.flushed(token)
         return True
 
     def _finish(self, action):
