@@ -409,10 +409,11 @@ class Job:
         return self.bitmap.dirty_bytes() + self.copier.progress()[1]
 
     def _checkpoint(self):
-        """persistent bitmap: now and then flush the target while copying,
-        so that copied, cold regions can be cleared in the file (a crash
-        then re-copies little).  The flush runs alongside the copy; a
-        failed one clears nothing (the copy's own errors are reported)."""
+        """persistent bitmap: now and then flush the target and the source
+        while copying, so that copied, cold regions can be cleared in the
+        file (a crash then re-copies little).  The flushes run alongside
+        the copy; a failed one clears nothing (and is no job error: the
+        copy's own errors are reported)."""
         pending = self._checkpoint_flush
         if pending is not None:
             token, results = pending
