@@ -14,8 +14,10 @@ How (as DRBD's activity log, over REGION-byte regions):
     costs nothing more (no write, no sync); an unmarked one is marked (one
     pwrite) and synced.  Writers that need a sync at the same time share it
     (group commit): whoever syncs, syncs for every mark written before it
-    began, and the others wait for it.  While a request is in progress its
-    regions count it in `_active`.
+    began, and the others wait for it.  A writer that looks sequential (it
+    enters a region after the one before it) gets MARK_AHEAD more regions
+    marked in the same sync.  While a request is in progress its regions
+    count it in `_active`.
   * Clearing (flush_started / flushed, the job thread, around a flush of
     the target and one of the source).  A target flush makes durable every
     copy that completed before it was sent, and the source flush what those
@@ -67,6 +69,7 @@ from .sizes import to_bytes
 REGION = 4 << 20            # bytes per region (DRBD's activity log extent)
 MAX_HOT = 1024              # regions kept marked while written, at most...
 COOL_AFTER = 5.0            # ... and only while written this recently
+MARK_AHEAD = 8              # regions marked ahead of a sequential writer
 CHECKPOINT_INTERVAL = 1.0   # s between checkpoint flushes, at least...
 CHECKPOINT_MIN_BYTES = 16 << 20     # ... unless this many bytes were copied
 CHECKPOINT_MAX_BYTES = 256 << 20
@@ -78,7 +81,7 @@ SAVE_FLUSH_TIMEOUT = 2.0    # s a clean shutdown waits for each flush
 # values above in the proxy's process (the crash tests use small regions
 # that cool fast, so that a short run clears and marks regions again).
 _KNOBS = {"region": ("REGION", to_bytes), "hot": ("MAX_HOT", int),
-          "cool": ("COOL_AFTER", float),
+          "cool": ("COOL_AFTER", float), "ahead": ("MARK_AHEAD", int),
           "interval": ("CHECKPOINT_INTERVAL", float),
           "checkpoint": ("CHECKPOINT_MIN_BYTES", to_bytes)}
 
@@ -327,17 +330,31 @@ class ActivityLog(NoLog):
                     need = max(need, g)
         if not self.full.count(0, r0, r1):
             return need
-        cold = [r for r in range(r0, r1) if not self.full[r]]
+        ahead = self._ahead(r0, r1)
+        cold = [r for r in range(r0, ahead) if not self.full[r]]
         c0, c1 = self._chunks(cold[0])[0], self._chunks(cold[-1])[1]
         for r in cold:
             a, b = self._chunks(r)
             self.image[a:b] = 1
         self.file.write_chunks(self.image, c0, c1)     # may raise
         self._written += 1
+        now = time.monotonic()
         for r in cold:
             self.full[r] = self.marked[r] = 1
             self._pending[r] = self._written
+            if r >= r1:                 # marked ahead: warm, not written
+                self._recent[r] = now
         return self._written
+
+    def _ahead(self, r0, r1):
+        """Where marking stops: past r1 by MARK_AHEAD regions when the
+        writes look sequential (the region before r0 was written lately),
+        so that a sequential writer pays one sync per MARK_AHEAD + 1
+        regions, not one per region."""
+        prev = self._recent.get(r0 - 1)
+        if prev is None or time.monotonic() - prev >= COOL_AFTER:
+            return r1
+        return min(self.regions, r1 + MARK_AHEAD)
 
     def _wait_synced(self, need):
         """With `_lock`: until generation `need` is durable (group commit)."""

@@ -250,6 +250,29 @@ def test_writers_to_one_new_region_share_one_sync(tmp_path, monkeypatch):
     log.close()
 
 
+def test_a_sequential_writer_pays_one_sync_per_several_regions(
+        tmp_path, monkeypatch):
+    disk = Disk(monkeypatch)
+    size = 256 * M
+    log = open_log(tmp_path / "bm", size, sync="none")
+    log.attach(DirtyBitmap(size, GRAN), ChunkLocks(size // GRAN))
+    syncs = disk.syncs
+    for off in range(0, size, M):
+        log.before_write(off, M)
+        assert disk.marks()[off // GRAN]        # durably, before the write
+        log.after_write(off, M)
+    regions = size // activitylog.REGION
+    assert disk.syncs - syncs <= 2 + regions // (activitylog.MARK_AHEAD + 1)
+    # A random writer gets no marks ahead.
+    log2 = open_log(tmp_path / "bm2", size, sync="none")
+    log2.attach(DirtyBitmap(size, GRAN), ChunkLocks(size // GRAN))
+    log2.before_write(40 * M, 4096)
+    log2.after_write(40 * M, 4096)
+    assert log2.dirty_marks() == activitylog.REGION // GRAN
+    log.close()
+    log2.close()
+
+
 def test_a_failed_sync_fails_the_guest_write_and_leaves_the_source(
         tmp_path, monkeypatch):
     disk = Disk(monkeypatch)
