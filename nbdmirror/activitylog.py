@@ -35,7 +35,8 @@ How (as DRBD's activity log, over REGION-byte regions):
   * Checkpoints: the job asks checkpoint_due() and then flushes target and
     source (job.Job._checkpoint), alongside the copy, every checkpoint_bytes
     copied (1/64 of the disk, 16M to 256M) or CHECKPOINT_INTERVAL seconds
-    while something may be cleared, so that a crash re-copies little.
+    while something may be cleared (a region marked that is not warm, or
+    one cooling), so that a crash re-copies little.
   * The end (job_ended): a pivot is recorded, synced, before the guest is
     switched (pivoting) and after (pivoted); a cancel or a failure leaves
     its state.  A clean shutdown (suspend, then the job's end) flushes the
@@ -395,12 +396,19 @@ class ActivityLog(NoLog):
         with self._lock:
             if not self._scanned or self._ended or not self.marked.any():
                 return False
-            progressed = done_bytes - self._ck_done
-            if progressed >= self.checkpoint_bytes or self._ck_fresh:
-                return True         # (fresh: what the scan left unmarked)
+            if self._ck_fresh:
+                return True         # what the scan left unmarked
+            # Copies help only where a region may be cleared: marked but
+            # not warm (a guest writing hot regions gains nothing from a
+            # flush now, and a source flush would cost it).
+            progressed = done_bytes - self._ck_done > 0 and \
+                self.marked.count() > len(self._recent)
+            if progressed and done_bytes - self._ck_done >= \
+                    self.checkpoint_bytes:
+                return True
             if time.monotonic() - self._ck_time < CHECKPOINT_INTERVAL:
                 return False
-            return progressed > 0 or self._cooling()
+            return progressed or self._cooling()
 
     def _cooling(self):
         """With `_lock`: a region written once may be cold now."""
