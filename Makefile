@@ -15,7 +15,8 @@ ARGS ?=
 
 DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
 	qemu-utils python3-venv python3-pip python3-bitarray python3-tqdm \
-	python3-pytest python3-pytest-timeout qemu-system-x86 qemu-system-common
+	python3-pytest python3-pytest-timeout qemu-system-x86 qemu-system-common \
+	gnutls-bin
 
 .PHONY: setup debs test test-all demo bench clean
 

@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 
-from . import endpoints, paths
+from . import endpoints, paths, tls
 from .job import JobError
 from .options import (JOB, NBDKIT, OPTIONS, PROXY, OptionError, ProxyOptions,
                       make_job_options, qmp_arguments, rows)
@@ -152,8 +152,18 @@ def serve(args):
             server[row.name] = row.parse(value)
         else:
             opts.set(row.key, value)
-    if "socket" in server and "port" in server:
-        raise Usage("socket, port: give one of them, not both")
+    if ("socket" in server) == ("port" in server):
+        raise Usage("socket, port: give one of them" + (
+            ", not both" if "socket" in server else
+            " (nbdkit would listen on TCP port 10809 on every address)"))
+    if "bind" in server and "port" not in server:
+        raise Usage("bind: needs --port")
+    try:
+        tls.check_guest(server.get("tls", "off"),
+                        server.get("tls-certificates"), server.get("tls-psk"),
+                        server.get("tls-verify-peer", False))
+    except ValueError as e:
+        raise Usage(str(e)) from None
     opts.check(guest_socket=server.get("socket"))
     for path in (server.get("socket"), opts.control):
         if path:
@@ -162,7 +172,9 @@ def serve(args):
     cmd = ["nbdkit"]
     for row in rows(NBDKIT):
         value = server.get(row.name, row.default)
-        if value is not None:
+        if value is True:               # a flag: nbdkit takes it bare
+            cmd.append(row.nbdkit)
+        elif value is not None and value is not False:
             cmd += [row.nbdkit, row.format(value)]
     serving = _Serving(server.get("socket"), opts.control)
     if args.foreground:
@@ -397,6 +409,11 @@ def status(args):
               f"rate {format_size(rate)}/s, ETA {eta}"
               + (f", speed limit {format_size(j['speed'])}/s" if j["speed"] else "")
               + (f", io-status {j['io-status']}" if j["io-status"] != "ok" else "")
+              + (f", target disconnected for {j['target-disconnected']:.0f} s"
+                 if "target-disconnected" in j else "")
+              + (f", copy-mode {j['copy-mode']}"
+                 + (" (actively synced)" if j.get("actively-synced") else "")
+                 if j.get("copy-mode", "background") != "background" else "")
               + (f", error: {j['error']}" if j.get("error") else ""))
         return 0
 
@@ -489,7 +506,19 @@ def set_speed(args):
 
 def verify(args):
     a = endpoints.open_endpoint(_spec(args.a), readonly=True)
-    b = endpoints.open_endpoint(_spec(args.b), readonly=True)
+    try:
+        b = endpoints.open_endpoint(_spec(args.b), readonly=True)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        return _compare(a, b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _compare(a, b):
     if a.size != b.size:
         print(f"sizes differ: {a.size} != {b.size}")
         return 1
@@ -509,11 +538,11 @@ def verify(args):
 
 
 def _spec(spec):
-    if endpoints.is_nbd_uri(spec):
-        return spec
-    if not os.path.exists(spec):
-        raise Failure(f"{spec}: no such file")
-    return os.path.abspath(spec)
+    """A file path (made absolute) or an NBD URI, as --source takes it."""
+    try:
+        return OPTIONS["source"].kind.parse(spec)
+    except ValueError as e:
+        raise Failure(str(e)) from None
 
 
 COMMANDS = {"serve": serve, "status": status, "watch": watch, "events": events,

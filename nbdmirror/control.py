@@ -11,7 +11,8 @@ from .options import (FIELDS, JOB, REQUIRED, OptionError, make_job_options,
                       rows)
 from .qmp import AfterReply, QMPError
 
-_TYPES = {str: "string", int: "integer", bool: "boolean", dict: "object"}
+_TYPES = {str: "string", int: "integer", bool: "boolean", dict: "object",
+          float: "number"}
 COMMANDS = {}
 
 
@@ -35,7 +36,9 @@ def _check_args(args, params):
                 raise QMPError("GenericError", f"Parameter '{key}' is missing")
             continue
         value = args[key]
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        # A JSON number (QEMU's 'number') may be written as an integer.
+        ok = isinstance(value, (int, float) if typ is float else typ) and \
+            not (typ in (int, float) and isinstance(value, bool))
         # Integers are QEMU's int64: QEMU parses a number outside it as a
         # double, which an integer parameter refuses with the same words.
         if ok and typ is int and not -(1 << 63) <= value < (1 << 63):
@@ -101,9 +104,14 @@ def block_job_info(job):
         "auto-finalize": job.state.auto_finalize,
         "auto-dismiss": job.state.auto_dismiss,
         "actively-synced": job.actively_synced,
+        "copy-mode": job.copy_mode,     # nbdmirror's: auto shows its switch
     }
     if job.error:
         info["error"] = job.error
+    lost = job.disconnected_for()
+    if lost is not None:
+        # nbdmirror's own: seconds since the target connection was lost
+        info["target-disconnected"] = round(lost, 3)
     return info
 
 

@@ -89,6 +89,9 @@ class Endpoint:
     def abort(self):
         """Nothing is ever left in flight."""
 
+    def reconnect(self, timeout, give_up=None):
+        raise EndpointError(f"{self.uri}: cannot reconnect")
+
     def __repr__(self):
         return f"{type(self).__name__}({self.uri!r})"
 
@@ -133,17 +136,43 @@ class NbdEndpoint(Endpoint):
     def __init__(self, uri, readonly=False, *, want_depth=False,
                  connect_timeout=10.0, io_timeout=30.0):
         self.uri = display_uri(uri)
-        contexts = (BASE_ALLOCATION, ALLOCATION_DEPTH) if want_depth \
+        self._spec = uri
+        self._contexts = (BASE_ALLOCATION, ALLOCATION_DEPTH) if want_depth \
             else (BASE_ALLOCATION,)
+        self._readonly = readonly
+        self._io_timeout = io_timeout
+        self.conn = self._connect(connect_timeout)
+        self.size = self.conn.h.get_size()
+        self._learn()
+
+    def _connect(self, timeout, give_up=None):
         try:
-            self.conn = NbdConnection(
-                uri, contexts, name="nbdmirror", display=self.uri,
-                connect_timeout=connect_timeout, io_timeout=io_timeout)
+            return NbdConnection(
+                self._spec, self._contexts, name="nbdmirror",
+                display=self.uri, connect_timeout=timeout,
+                io_timeout=self._io_timeout, give_up=give_up)
         except ConnectError as e:
             raise EndpointError(str(e)) from None
+
+    def reconnect(self, timeout, give_up=None):
+        """Replace a lost connection with a new one to the same server
+        (the job thread, after `dead`).  Requests sent meanwhile fail on
+        the old one; later ones use the new one.  EndpointError if the
+        server cannot be reached or no longer serves the same size."""
+        conn = self._connect(timeout, give_up)
+        size = conn.h.get_size()
+        if size != self.size:
+            conn.close()
+            raise EndpointError(f"{self.uri}: size changed from {self.size} "
+                                f"to {size}")
+        old, self.conn = self.conn, conn
+        self._learn()
+        old.close()
+
+    def _learn(self):
+        """What the server offers, as this connection negotiated it."""
         h = self.conn.h
-        self.size = h.get_size()
-        self.can_write = not h.is_read_only() and not readonly
+        self.can_write = not h.is_read_only() and not self._readonly
         self.can_flush = h.can_flush()
         self.can_trim = h.can_trim()
         self.can_fast_zero = h.can_fast_zero()
@@ -155,47 +184,56 @@ class NbdEndpoint(Endpoint):
         # flush on it covers every write completed before it.
         self.can_multi_conn = True
 
+    def _submit(self, done, send):
+        """send(h, completion) on the connection of now (a reconnect may
+        replace it later: the request stays with its own)."""
+        conn = self.conn
+        conn.submit(lambda cb: send(conn.h, cb), done)
+
+    def _call(self, send, give_up=None):
+        conn = self.conn
+        conn.call(lambda cb: send(conn.h, cb), give_up)
+
     # -- async (the copier) ---------------------------------------------
     def aio_read(self, view, offset, done):
-        self.conn.submit(lambda cb: self.conn.h.aio_pread(
-            nbd.Buffer.from_buffer(view), offset, completion=cb), done)
+        self._submit(done, lambda h, cb: h.aio_pread(
+            nbd.Buffer.from_buffer(view), offset, completion=cb))
 
     def aio_write(self, view, offset, done):
-        self.conn.submit(lambda cb: self.conn.h.aio_pwrite(
-            nbd.Buffer.from_buffer(view), offset, completion=cb), done)
+        self._submit(done, lambda h, cb: h.aio_pwrite(
+            nbd.Buffer.from_buffer(view), offset, completion=cb))
 
     def aio_zero(self, count, offset, fast, done):
         flags = nbd.CMD_FLAG_FAST_ZERO if fast else 0
-        self.conn.submit(lambda cb: self.conn.h.aio_zero(
-            count, offset, completion=cb, flags=flags), done)
+        self._submit(done, lambda h, cb: h.aio_zero(
+            count, offset, completion=cb, flags=flags))
 
     def aio_flush(self, done):
         if not self.can_flush:
             return done(0)
-        self.conn.submit(lambda cb: self.conn.h.aio_flush(completion=cb),
-                         done)
+        self._submit(done, lambda h, cb: h.aio_flush(completion=cb))
 
     # -- sync (guest threads, the job) -------------------------------------
     def pread(self, buf, offset):
-        self.conn.call(lambda cb: self.conn.h.aio_pread(
+        self._call(lambda h, cb: h.aio_pread(
             nbd.Buffer.from_buffer(buf), offset, completion=cb))
 
     def pwrite(self, buf, offset, fua=False):
         native = fua and self.can_fua
         flags = nbd.CMD_FLAG_FUA if native else 0
-        self.conn.call(lambda cb: self.conn.h.aio_pwrite(
+        self._call(lambda h, cb: h.aio_pwrite(
             nbd.Buffer.from_buffer(buf), offset, completion=cb, flags=flags))
         if fua and not native:
             self.flush()
 
     def flush(self):
         if self.can_flush:
-            self.conn.call(lambda cb: self.conn.h.aio_flush(completion=cb))
+            self._call(lambda h, cb: h.aio_flush(completion=cb))
 
     def trim(self, count, offset, fua=False):
         if self.can_trim:
             flags = nbd.CMD_FLAG_FUA if fua and self.can_fua else 0
-            self.conn.call(lambda cb: self.conn.h.aio_trim(
+            self._call(lambda h, cb: h.aio_trim(
                 count, offset, completion=cb, flags=flags))
             if not fua or self.can_fua:
                 return
@@ -218,7 +256,7 @@ class NbdEndpoint(Endpoint):
         flags = (0 if may_trim else nbd.CMD_FLAG_NO_HOLE) | \
             (nbd.CMD_FLAG_FUA if native_fua else 0) | \
             (nbd.CMD_FLAG_FAST_ZERO if fast else 0)
-        self.conn.call(lambda cb: self.conn.h.aio_zero(
+        self._call(lambda h, cb: h.aio_zero(
             count, offset, completion=cb, flags=flags))
         if fua and not native_fua:
             self.flush()
@@ -233,7 +271,7 @@ class NbdEndpoint(Endpoint):
             got.setdefault(metacontext, list(entries))
             return 0
 
-        self.conn.call(lambda cb: self.conn.h.aio_block_status(
+        self._call(lambda h, cb: h.aio_block_status(
             count, offset, collect, completion=cb), give_up)
         base = _runs(offset, got.get(BASE_ALLOCATION, [count, 0]))
         if not depth:

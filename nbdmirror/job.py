@@ -20,6 +20,13 @@ Threads and locks:
     copy, after which copied regions may be cleared in the file), the
     pivot (pivoting before the switch, pivoted after) and the job's end.
 `_lock` guards `state`, `_speed`, `error`, `io_status` and `copy_mode`.
+
+copy-mode auto (the job thread decides): it starts as background and
+watches the backlog (dirty + in flight) while it runs; when no smaller
+backlog was seen for auto-switch-after seconds (a guest writes faster than
+the copier drains), `copy_mode` becomes write-blocking, for good, with a
+JOB_COPY_MODE_CHANGED event.  From then on every guest write also lands on
+the target, so the backlog only shrinks and the job converges.
 Events are emitted with it held, so their order is the order of the
 transitions.
 
@@ -47,6 +54,7 @@ from .activitylog import NO_LOG
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
+from .endpoints import EndpointError
 from .jobstate import Action, JobState, Status
 
 S = Status
@@ -60,6 +68,7 @@ HOLD_PATIENCE = 1.0     # hold anyway once the backlog stayed big this long
 RATE_INTERVAL = 0.5     # seconds between copy rate samples
 ERROR_EVENT_INTERVAL = 0.1   # BLOCK_JOB_ERROR at most this often (`ignore`)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0   # `ignore` retries, doubling
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0   # between reconnect attempts
 
 
 class JobError(Exception):
@@ -70,7 +79,8 @@ class Job:
     """One mirror job from `source` to `target` (open endpoints; the job
     owns `target` until a pivot hands it to the guest path)."""
 
-    def __init__(self, opts, guest, source, target, emit, persist=None):
+    def __init__(self, opts, guest, source, target, emit,
+                 connect_timeout=10.0, persist=None):
         self.opts = opts
         self.id = opts.job_id
         self.guest = guest
@@ -93,7 +103,9 @@ class Job:
             target_is_zero=opts.target_is_zero and not self.persist.resumed,
             on_error=self._on_error,
             locks=self.locks, give_up=self._aborting)
-        self.copy_mode = opts.copy_mode
+        self.copy_mode = opts.copy_mode  # "auto" until it switches
+        self._least_backlog = None       # copy-mode auto: smallest seen...
+        self._least_at = 0.0             # ... and when
         self._target_learnt = False      # write-throughs may start
         self._through_bytes = 0          # written through to the target
         self.error = None                # why the job failed, if it did
@@ -105,6 +117,12 @@ class Job:
         self._backoff_until = 0.0
         self._last_error_event = 0.0
         self._hold_retry_at = 0.0
+        # Target connection loss (job thread; read by queries).
+        self.reconnect_delay = opts.reconnect_delay
+        self._connect_timeout = connect_timeout
+        self._lost_at = None             # when the loss was noticed
+        self._next_attempt = 0.0
+        self._attempt_wait = RECONNECT_MIN
         self._finish_asked = None        # when complete/soft cancel came
         self._rate = 0.0                 # bytes/s copied, smoothed
         self._rate_at = (time.monotonic(), 0)
@@ -153,8 +171,8 @@ class Job:
         self._verb(set_speed)
 
     def change(self, copy_mode):
-        """block-job-change: background -> write-blocking (as QEMU, the only
-        switch there is)."""
+        """block-job-change: background or auto -> write-blocking (as QEMU,
+        the only switch there is)."""
         if copy_mode not in ("background", "write-blocking"):
             raise JobError(f"copy-mode {copy_mode!r} is not one of "
                            "background, write-blocking")
@@ -164,7 +182,7 @@ class Job:
                 return
             if copy_mode == "background":
                 raise JobError(f"Job '{self.id}': cannot change copy-mode "
-                               "from 'write-blocking' to 'background'")
+                               f"from '{self.copy_mode}' to 'background'")
             self.copy_mode = copy_mode
         self.copier.wake()
 
@@ -176,8 +194,15 @@ class Job:
     @property
     def write_blocking(self):
         """Guest writes go through write_through() (once the job knows
-        where the target reads as zero: targetzero.py)."""
-        return self.copy_mode == "write-blocking" and self._target_learnt
+        where the target reads as zero: targetzero.py), unless the target
+        connection is lost: then they are tracked as in background mode."""
+        return self.copy_mode == "write-blocking" and self._target_learnt \
+            and self.target.dead is None
+
+    def disconnected_for(self):
+        """Seconds since the target connection was lost, or None."""
+        lost = self._lost_at
+        return None if lost is None else time.monotonic() - lost
 
     @property
     def actively_synced(self):
@@ -362,6 +387,10 @@ class Job:
             if action is Action.ABORT:
                 self._abort()
                 return None
+            if action is not Action.PAUSE and self.target.dead is not None:
+                self._reconnect_step()
+                continue
+            self._watch_backlog(action)
             if action is Action.PAUSE:
                 self._pause_step()
                 continue
@@ -380,13 +409,37 @@ class Job:
                     if ended:
                         return old_source
                     continue
-            if self.status is S.RUNNING and may_retry and c.converged() \
-                    and self._flush() and c.converged():
-                self._advance(S.READY,
-                              ("BLOCK_JOB_READY", self._event_data()))
+            if self.status is S.RUNNING and may_retry and c.converged():
+                # The flush must cover every write: none may complete
+                # while it is in flight (the copier runs meanwhile).
+                written = self._written()
+                if self._flush() and c.converged() and \
+                        self._written() == written:
+                    self._advance(S.READY,
+                                  ("BLOCK_JOB_READY", self._event_data()))
                 continue
             self._checkpoint()
-            c.pump(IDLE_WAKEUP)
+            c.pump(IDLE_WAKEUP if may_retry else
+                   min(IDLE_WAKEUP, max(0.0, max(self._hold_retry_at,
+                                                 self._backoff_until) - now)))
+
+    def _watch_backlog(self, action):
+        """copy-mode auto: switch to write-blocking once the backlog has
+        not shrunk for auto-switch-after seconds of copying."""
+        if self.copy_mode != "auto":
+            return
+        now, backlog = time.monotonic(), self._backlog()
+        if action is not Action.RUN or self._least_backlog is None or \
+                backlog < self._least_backlog or not backlog:
+            # A new low, or not copying (paused, completing): start over.
+            self._least_backlog, self._least_at = backlog, now
+        elif now - self._least_at >= self.opts.auto_switch_after:
+            with self._lock:
+                self.copy_mode = "write-blocking"
+                self.emit("JOB_COPY_MODE_CHANGED", {
+                    "id": self.id, "copy-mode": "write-blocking",
+                    "reason": f"the backlog did not shrink for "
+                              f"{self.opts.auto_switch_after:g} s"})
 
     def _measure_rate(self):
         now, done = time.monotonic(), self.copier.done_bytes
@@ -403,6 +456,12 @@ class Job:
         return self._backlog() <= max(HOLD_MIN_BACKLOG,
                                       self._rate * HOLD_AIM) or \
             now - self._finish_asked >= HOLD_PATIENCE
+
+    def _written(self):
+        """Bytes written to the target so far, by copies and write-throughs
+        (it changes whenever one completes)."""
+        c = self.copier
+        return c.copied_bytes + c.zeroed_bytes + self._through_bytes
 
     def _backlog(self):
         """Bytes still to copy: dirty or in flight."""
@@ -438,6 +497,46 @@ class Job:
             done(err)
             self.copier.wake()
         self.source.aio_flush(flushed)
+
+    def _reconnect_step(self):
+        """The target connection is lost: the guest stays on the source,
+        what was in flight is dirty again (failed requests re-mark their
+        ops), nothing new is sent, and the job reconnects with back-off.
+        Back, it goes on from the bitmap.  After reconnect-delay without
+        success, on-target-error applies (and a resume starts over)."""
+        c = self.copier
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+            self._next_attempt, self._attempt_wait = now, RECONNECT_MIN
+            c.stop()
+            self._advance(("TARGET_DISCONNECTED", {
+                "device": self.id, "reason": str(self.target.dead)}))
+        c.drain(now)                     # queued pieces back to the bitmap
+        if now >= self._next_attempt:
+            left = self.reconnect_delay - (now - self._lost_at)
+            try:
+                self.target.reconnect(
+                    max(0.1, min(self._connect_timeout, left)),
+                    give_up=self._aborting)
+            except EndpointError:
+                self._next_attempt = time.monotonic() + self._attempt_wait
+                self._attempt_wait = min(self._attempt_wait * 2,
+                                         RECONNECT_MAX)
+            else:
+                downtime = time.monotonic() - self._lost_at
+                self._lost_at = None
+                self._advance(("TARGET_RECONNECTED", {
+                    "device": self.id, "downtime": round(downtime, 3)}))
+                c.start()
+                return
+            if time.monotonic() - self._lost_at >= self.reconnect_delay:
+                self._lost_at = None
+                self._on_error(CopyError("write", errno.ENOTCONN, 0,
+                                         "target connection"), lost=True)
+                return
+        c.pump(min(IDLE_WAKEUP,
+                   max(0.0, self._next_attempt - time.monotonic())))
 
     def _pause_step(self):
         """Let in-flight copies finish, then sit still until woken."""
@@ -578,8 +677,14 @@ class Job:
             self._conclude(event)
 
     # -- errors ------------------------------------------------------------
-    def _on_error(self, e):
-        """Apply on-source-error / on-target-error to a failed request."""
+    def _on_error(self, e, lost=False):
+        """Apply on-source-error / on-target-error to a failed request.
+        A target write that failed because the connection is lost is left
+        to _reconnect_step (which calls this with lost=True once the
+        reconnect delay is over)."""
+        if not lost and e.operation == "write" and self.reconnect_delay and \
+                self.target.dead is not None:
+            return
         policy = self.opts.on_source_error if e.operation == "read" \
             else self.opts.on_target_error
         if policy == "enospc":

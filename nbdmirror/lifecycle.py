@@ -2,21 +2,22 @@
 
 nbdkit 1.32 asked to exit (nbdkit.shutdown(), or SIGTERM) stops accepting
 clients but then waits for every connected guest to hang up: a guest that
-keeps its connection open keeps the proxy alive.  So the proxy ends them
-itself:
+keeps its connection open keeps the proxy alive.  Shutting the guests'
+sockets down does not help: a guest that then closes with requests in
+flight makes two nbdkit workers fail to reply at once, which trips an
+assertion in nbdkit (raw_send_socket: sock >= 0).  So `quit` ends the job,
+lets the guest requests inside finish, cleans up (sockets, pid file) and
+ends the process (Proxy.request_shutdown, nbdkit_plugin._exit_now); the
+guests see the server go, as after a crash, and every write they were
+answered for is on the source (or, after a pivot, the target).
 
   * Signals.install() (nbdkit's main thread, in after_fork) takes SIGTERM,
     SIGINT, SIGHUP and SIGQUIT over from nbdkit: Python's C-level handler
     writes the signal number to a wakeup pipe, and a watcher thread calls
-    `on_signal`, which ends the job, the guests and nbdkit, as `quit` does.
-  * guest_connections() finds the guests' connections among the process's
-    file descriptors: sockets that are not listening and whose local
-    address is that of one of nbdkit's listening sockets (outgoing NBD
-    connections have other addresses).  shutdown(2) for reading on each
-    makes nbdkit's connection thread see the end of its client.
+    `on_signal`, which does what `quit` does.
   * GuestSocket remembers the inode of nbdkit's -U socket, so that the
     proxy removes that socket at exit only if it is still the one nbdkit
-    made (nbdkit 1.32 leaves it behind).
+    made.
 """
 
 import os
@@ -25,6 +26,8 @@ import signal
 import socket
 import stat
 import threading
+
+from .paths import file_identity, unlink_if_same
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
@@ -69,48 +72,6 @@ def _sockets():
     return out
 
 
-def _local(s):
-    name = s.getsockname()
-    if s.family in (socket.AF_INET, socket.AF_INET6):
-        return (s.family, name[1])          # the port: listeners bind any
-    return (s.family, name)
-
-
-def disconnect_guests(spare=()):
-    """shutdown(2) every guest connection (not those of the listening
-    sockets named in `spare`); return how many there were."""
-    socks = _sockets()
-    try:
-        listening, others = set(), []
-        for s in socks:
-            try:
-                local = _local(s)
-                if not local[1]:
-                    continue                # unnamed: an outgoing client
-                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    if local[1] not in spare:
-                        listening.add(local)
-                else:
-                    others.append((s, local))
-            except OSError:
-                continue
-        n = 0
-        for s, local in others:
-            if local in listening:
-                try:
-                    # Reading only: replies in flight still go out (a write
-                    # error while other workers send trips an assertion in
-                    # nbdkit 1.32), and the next read sees the end.
-                    s.shutdown(socket.SHUT_RD)
-                    n += 1
-                except OSError:
-                    pass
-        return n
-    finally:
-        for s in socks:
-            s.close()
-
-
 class GuestSocket:
     """nbdkit's -U socket: noted once nbdkit made it, removed at exit only
     if the path still names that socket."""
@@ -128,27 +89,20 @@ class GuestSocket:
                     path = s.getsockname()
                     if isinstance(path, str) and path and \
                             self._path is None and _is_socket(path):
-                        st = os.stat(path)
-                        self._path, self._ident = path, (st.st_dev,
-                                                         st.st_ino)
+                        self._path = path
+                        self._ident = file_identity(path)
             except OSError:
                 pass
             finally:
                 s.close()
 
     def remove(self):
-        if self._path is None:
-            return
-        try:
-            st = os.stat(self._path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self._path)
-        except OSError:
-            pass
+        if self._path is not None:
+            unlink_if_same(self._path, self._ident)
 
 
 def _is_socket(path):
     try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False

@@ -39,6 +39,8 @@ import time
 
 import nbd
 
+from . import tls
+
 POLL_INTERVAL = 0.25     # seconds between the I/O thread's timeout checks
 CLOSE_GRACE = 1.0        # seconds a polite disconnect may take at close
 
@@ -72,7 +74,8 @@ class NbdConnection:
     """
 
     def __init__(self, uri, contexts=(), *, name="nbdmirror",
-                 connect_timeout=10.0, io_timeout=30.0, display=None):
+                 connect_timeout=10.0, io_timeout=30.0, display=None,
+                 give_up=None):
         self.uri = uri
         self.display = display or uri        # safe to show (no secrets)
         self.io_timeout = io_timeout
@@ -80,8 +83,8 @@ class NbdConnection:
         self.h.set_handle_name(name)
         for ctx in contexts:
             self.h.add_meta_context(ctx)
-        self._connect(connect_timeout)
-        self._lock = threading.Lock()   # guards the five below
+        self._connect(connect_timeout, give_up)
+        self._lock = threading.Lock()   # guards the six below and _thread
         self._pending = {}              # key -> submit time, oldest first
         self._submitting = 0            # submit() calls inside issue()
         self._closing = False           # close() began: submit() refuses
@@ -93,10 +96,12 @@ class NbdConnection:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
 
-    def _connect(self, timeout):
+    def _connect(self, timeout, give_up):
+        """give_up() is asked every 0.1 s: True abandons the attempt."""
         h = self.h
         deadline = time.monotonic() + timeout
         try:
+            tls.configure(h, self.uri)
             h.aio_connect_uri(self.uri)
             while h.aio_is_connecting():
                 left = deadline - time.monotonic()
@@ -105,13 +110,17 @@ class NbdConnection:
                         f"cannot connect to {self.display}: timed out after "
                         f"{timeout:g} s (is the server stopped or busy with "
                         f"another client?)")
-                h.poll(max(1, int(left * 1000)))
+                if give_up is not None and give_up():
+                    raise ConnectError(f"connecting to {self.display}: "
+                                       f"abandoned")
+                h.poll(max(1, int(min(left, 0.1) * 1000)))
             if not h.aio_is_ready():
                 raise ConnectError(f"cannot connect to {self.display}: "
                                    f"the server closed the connection")
         except nbd.Error as e:
             _free(h)
-            reason = re.sub(r"^nbd_\w+: ", "", e.string or str(e))
+            reason = tls.explain(self.uri, re.sub(r"^nbd_\w+: ", "",
+                                                  e.string or str(e)))
             raise ConnectError(
                 f"cannot connect to {self.display}: {reason}") from None
         except BaseException:

@@ -74,7 +74,7 @@ def config(key, value):
 def config_complete():
     global _proxy
     try:
-        _proxy = Proxy(_options, shutdown=nbdkit.shutdown)
+        _proxy = Proxy(_options, shutdown=_exit_now)
         _proxy.preflight()
     except (OptionError, EndpointError, JobError, BitmapFileError) as e:
         _say(e)
@@ -89,6 +89,15 @@ def after_fork():
         _pidfile.create()
     Signals(lambda sig: _proxy.request_shutdown()).install()
     _proxy.start()
+
+
+def _exit_now():
+    """quit / a signal, once the job ended: clean up, then end the process
+    without waiting for guests to hang up (lifecycle.py says why)."""
+    cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cleanup():
@@ -107,32 +116,22 @@ def get_size(g):
     return g.backend.size
 
 
-def can_write(g):
-    return g.backend.can_write
+def _capability(name):
+    """can_NAME(g): what the guest's backend offers now (after a pivot,
+    the target: new guest connections see its capabilities)."""
+    def callback(g):
+        return getattr(g.backend, name)
+    callback.__name__ = name
+    return callback
 
 
-def can_flush(g):
-    return g.backend.can_flush
-
-
-def can_trim(g):
-    return g.backend.can_trim
-
-
-def can_zero(g):
-    return g.backend.can_zero
-
-
-def can_fast_zero(g):
-    return g.backend.can_fast_zero
-
-
-def can_extents(g):
-    return g.backend.can_extents
-
-
-def can_multi_conn(g):
-    return g.backend.can_multi_conn
+can_write = _capability("can_write")
+can_flush = _capability("can_flush")
+can_trim = _capability("can_trim")
+can_zero = _capability("can_zero")
+can_fast_zero = _capability("can_fast_zero")
+can_extents = _capability("can_extents")
+can_multi_conn = _capability("can_multi_conn")
 
 
 def can_fua(g):

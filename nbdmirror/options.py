@@ -27,7 +27,7 @@ import os
 import re
 import urllib.parse
 
-from . import paths
+from . import paths, tls
 from .sizes import short_size, to_bytes
 
 PROXY = "proxy"     # a setting of the proxy: plugin key and `serve` flag
@@ -140,9 +140,13 @@ class Int(_Kind):
 
 
 class Seconds(_Kind):
-    """A positive number of seconds; fractions allowed."""
+    """A positive number of seconds (or zero, with zero=True); fractions
+    allowed."""
     qmp = float
     metavar = "S"
+
+    def __init__(self, zero=False):
+        self.zero = zero
 
     def parse(self, value):
         try:
@@ -152,8 +156,10 @@ class Seconds(_Kind):
         except ValueError:
             raise ValueError(f"{value!r} is not a number of seconds") \
                 from None
-        if not (math.isfinite(s) and 0 < s <= MAX_SECONDS):
-            raise ValueError(f"{value!r} is out of range (more than 0, "
+        if not (math.isfinite(s) and (0 < s or self.zero and s == 0)
+                and s <= MAX_SECONDS):
+            least = "0" if self.zero else "more than 0"
+            raise ValueError(f"{value!r} is out of range ({least}, "
                              f"at most {MAX_SECONDS:.0f})")
         return s
 
@@ -204,6 +210,7 @@ class NbdUri(_Kind):
         if not is_nbd_uri(value):
             raise ValueError(f"{value!r} is not an NBD URI ("
                              f"{', '.join(s + '://' for s in NBD_SCHEMES)})")
+        tls.check_uri(value)
         return value
 
 
@@ -215,6 +222,7 @@ class Source(_Kind):
         if not isinstance(value, str) or not value:
             raise ValueError("expected a file path or an NBD URI")
         if is_nbd_uri(value):
+            tls.check_uri(value)
             return value
         path = os.path.abspath(value)
         if not os.path.exists(path):
@@ -313,10 +321,24 @@ OPTIONS = _table(
     Option("socket", Path(), None, "guest-facing unix socket", NBDKIT,
            nbdkit="-U"),
     Option("port", Int(1, 65535), None,
-           "guest-facing TCP port (without --socket or --port: 10809)", NBDKIT,
-           nbdkit="-p"),
-    Option("bind", Text("ADDR"), None, "guest-facing TCP address", NBDKIT,
+           "guest-facing TCP port; give --socket or --port (nothing listens "
+           "on TCP unless --port is given)", NBDKIT, nbdkit="-p"),
+    Option("bind", Text("ADDR"), None,
+           "guest-facing TCP address (default: every address)", NBDKIT,
            nbdkit="-i"),
+    Option("tls", Choice("off", "on", "require"), "off",
+           "guest-facing TLS: require refuses clients that do not start "
+           "TLS", NBDKIT, nbdkit="--tls"),
+    Option("tls-certificates", Path(), None,
+           "guest-facing TLS with X.509: a directory holding ca-cert.pem, "
+           "server-cert.pem and server-key.pem", NBDKIT,
+           nbdkit="--tls-certificates"),
+    Option("tls-psk", Path(), None,
+           "guest-facing TLS with pre-shared keys: a file of USER:HEXKEY "
+           "lines (psktool)", NBDKIT, nbdkit="--tls-psk"),
+    Option("tls-verify-peer", Flag(), False,
+           "guest-facing X.509: clients must show a certificate signed by "
+           "the CA", NBDKIT, nbdkit="--tls-verify-peer"),
     # nbdkit's default of 16 threads per connection makes Python's GIL the
     # bottleneck of guest reads: 4 read 1 GiB 1.3-1.5x faster (README).
     Option("threads", Int(1, 1024), 4,
@@ -339,13 +361,22 @@ OPTIONS = _table(
     Option("buf-size", Size(4 * K, MAX_BUF_SIZE), "16M",
            f"bytes in flight source to target, at most; up to "
            f"{short_size(MAX_BUF_SIZE)}", JOB, qmp=OPTIONAL),
-    Option("copy-mode", Choice("background", "write-blocking"), "background",
+    Option("copy-mode", Choice("background", "write-blocking", "auto"),
+           "background",
            "write-blocking: guest writes reach the target before they "
-           "complete", JOB, qmp=OPTIONAL),
+           "complete; auto: background until the backlog stops shrinking "
+           "for auto-switch-after seconds, then write-blocking", JOB,
+           qmp=OPTIONAL),
+    Option("auto-switch-after", Seconds(), 5,
+           "copy-mode auto: seconds without a smaller backlog before "
+           "switching to write-blocking", JOB, qmp=OPTIONAL),
     Option("on-source-error", Choice(*ERROR_POLICIES), "report",
            "what a source read error does to the job", JOB, qmp=OPTIONAL),
     Option("on-target-error", Choice(*ERROR_POLICIES), "report",
            "what a target write error does to the job", JOB, qmp=OPTIONAL),
+    Option("reconnect-delay", Seconds(zero=True), 30,
+           "seconds to keep reconnecting to a lost target before "
+           "on-target-error applies (0: at once)", JOB, qmp=OPTIONAL),
     Option("target-is-zero", Flag(), False,
            "the target reads as zeroes before the job", JOB, qmp=OPTIONAL),
     Option("bitmap", Path(), None,

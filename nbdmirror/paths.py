@@ -235,3 +235,22 @@ class PidFile:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def file_identity(path):
+    """(st_dev, st_ino) of `path` itself (not following a symlink)."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def unlink_if_same(path, identity):
+    """Remove `path` only if it is still the file `identity` names (one
+    we made): another proxy may have put its own there since.  A window
+    of one lstat remains, as in any check-then-unlink."""
+    if identity is None:
+        return
+    try:
+        if file_identity(path) == identity:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -33,7 +33,6 @@ import threading
 from . import activitylog, bitmapfile, endpoints, paths
 from .control import Control
 from .guest import GuestIO
-from . import lifecycle
 from .job import Job, JobError
 from .jobstate import JobStateError, Status
 from .qmp import QMPServer
@@ -42,6 +41,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IO_TIMEOUT = 30.0
 SOFT_STOP = 2.5         # seconds a soft cancel may take at quit
 ABORT_STOP = 2.5        # seconds a force cancel may take (job.py: ~2)
+GUEST_DRAIN = 1.0       # seconds guest requests inside may take at quit
 RESUME_HOLD = 5.0       # seconds drive-mirror with a bitmap may hold guests
 
 
@@ -49,7 +49,7 @@ class Proxy:
     def __init__(self, options, shutdown=lambda: None):
         self.options = options
         self.device = options.device
-        self._shutdown = shutdown       # asks nbdkit to exit
+        self._shutdown = shutdown       # ends the process, cleanup first
         self._lock = threading.Lock()   # guards self.job
         self.job = None
         self.qmp = None
@@ -234,21 +234,30 @@ class Proxy:
                     log.close()
                 raise
             self.job = Job(job_opts, self.guest, self.guest.backend, target,
-                           self.emit, persist=log)
+                           self.emit,
+                           connect_timeout=getattr(self.options,
+                                                   "connect_timeout",
+                                                   DEFAULT_CONNECT_TIMEOUT),
+                           persist=log)
             self.job.start()
 
     def request_shutdown(self):
-        """QMP quit or a signal (any thread): end the job, then the guests'
-        connections and nbdkit, whose cleanup calls close().  Bounded:
-        stop_job() takes at most SOFT_STOP + ABORT_STOP seconds."""
+        """QMP quit or a signal (any thread): end the job (bounded: at most
+        SOFT_STOP + ABORT_STOP seconds), let the guest requests inside
+        finish and keep new ones out, then end the process through the
+        plugin's exit, which cleans up first.  (nbdkit's own shutdown
+        waits for every guest to hang up, and shutting their sockets
+        down under requests in flight trips an assertion in nbdkit 1.32:
+        see lifecycle.py.)"""
         with self._lock:
             if self._quitting:
                 return
             self._quitting = True
         self.stop_job()
-        self._shutdown()                # nbdkit: accept no new guest
-        spare = () if self.qmp is None else (self.qmp.address,)
-        lifecycle.disconnect_guests(spare)
+        if self.guest is not None:
+            self.guest.gate.close()     # for good: the process ends
+            self.guest.gate.wait_empty(GUEST_DRAIN)
+        self._shutdown()
 
     def stop_job(self):
         """Before ready, as a force cancel; after, as a soft cancel that

@@ -40,6 +40,8 @@ import stat
 import threading
 import time
 
+from .paths import unlink_if_same
+
 VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0},
            "package": "nbdmirror"}
 
@@ -468,6 +470,14 @@ class _Client:
         if transport.get_write_buffer_size():
             loop.call_later(CLOSE_GRACE, transport.abort)
 
+    async def sent(self, timeout):
+        """Wait (at most `timeout` s) until no output is left unsent."""
+        transport = self.writer.transport
+        deadline = time.monotonic() + timeout
+        while transport.get_write_buffer_size() and \
+                not transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
     async def run(self, fn, *args):
         """fn(*args) in this client's worker thread.  Commands of one client
         run one at a time, in order; other clients have their own thread."""
@@ -526,19 +536,8 @@ class QMPServer:
             except RuntimeError:
                 pass
             self._thread.join(5)
-        self._unlink_own_socket()
-
-    def _unlink_own_socket(self):
-        """Unlink the path only if it is still the socket we created: another
-        proxy may have put its own there since."""
-        if self._ident is None:
-            return
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        # Only if it is still the socket we created.
+        unlink_if_same(self.path, self._ident)
         self._ident = None
 
     def broadcast(self, event, data):
@@ -612,8 +611,10 @@ class QMPServer:
         await self._serve(reader, writer)
 
     def _shutdown(self):
+        # Gracefully: a quit's reply and the job's last events still go
+        # out (within CLOSE_GRACE).
         for c in list(self._clients):
-            c.drop()
+            c.close(self._loop)
         self._main.cancel()
 
     def _send_event(self, msg):
@@ -671,6 +672,9 @@ class QMPServer:
         client.send(encode(reply))
         await client.writer.drain()
         if action is not None:
+            # The reply must be on the socket before the action (quit)
+            # takes the server away.
+            await client.sent(CLOSE_GRACE)
             await client.run(action)
 
     def _prepare(self, client, raw):

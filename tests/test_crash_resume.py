@@ -222,13 +222,18 @@ class Crash:
         rng, phase = self.rng, self.phase
         speed = "4M" if phase in ("scan", "copying") else None
         proxy, client = self.start(speed=speed)
+        if phase in ("ready", "pivot"):
+            # Ready first: while a guest writes all the time, a flush
+            # that takes a while may never be followed by ready (job.py).
+            wait_job(client, ("ready",))
         writer = Writer(proxy.uri, self.seed, self.shadow).start()
         if phase == "scan":
             time.sleep(rng.uniform(0, 0.3))     # the moment, not a sync
         elif phase == "copying":
             time.sleep(rng.uniform(0.05, 1.2))
         else:
-            wait_job(client, ("ready",))
+            while writer.ops < 20 and writer.error is None:
+                time.sleep(0.005)
             if phase == "ready":
                 time.sleep(rng.uniform(0, 0.5))
             else:

@@ -102,8 +102,10 @@ def bad(row):
             else str(kind.hi + 1)
     if isinstance(kind, Int):
         return str(kind.lo - 1)
+    if isinstance(kind, Seconds):
+        return "-1" if kind.zero else "0"
     return {Text: "", Path: "", NbdUri: "/tmp/x.img", Source: "/no/such.img",
-            Flag: "maybe", Seconds: "0", Choice: "bogus"}[type(kind)]
+            Flag: "maybe", Choice: "bogus"}[type(kind)]
 
 
 @pytest.fixture
@@ -150,27 +152,56 @@ def test_every_row_is_a_serve_flag(row, tmp_path, src):
     assert given is True if row.kind.flag else given == good(row, tmp_path)
 
 
-# Options that make sense only with another one.
-NEEDS = {"bitmap-discard": ("--bitmap", "/tmp/nbdmirror-test.bitmap")}
+def companions(row, tmp_path):
+    """The other serve flags that `row` needs beside it: where the guest
+    connects (--socket, or --port for --bind), and for the guest TLS rows
+    TLS on with the files nbdkit will read."""
+    out = [] if row.name in ("socket", "port") else \
+        ["--port", "10809"] if row.name == "bind" else \
+        ["--socket", str(tmp_path / "g.sock")]
+    p = tmp_path / "p"      # good()'s path
+    if row.name == "tls-psk":
+        p.write_text("alice:00\n")
+    if row.name == "tls-certificates":
+        p.mkdir()
+        for name in ("server-cert.pem", "server-key.pem"):
+            (p / name).write_text("")
+    if row.name == "tls":               # good(): require
+        (tmp_path / "k.psk").write_text("alice:00\n")
+        out += ["--tls-psk", str(tmp_path / "k.psk")]
+    if row.name == "tls-verify-peer":
+        d = tmp_path / "certs"
+        d.mkdir()
+        for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+            (d / name).write_text("")
+        out += ["--tls", "require", "--tls-certificates", str(d)]
+    if row.name in ("tls-psk", "tls-certificates"):
+        out += ["--tls", "on"]
+    if row.name == "bitmap-discard":
+        out += ["--bitmap", str(tmp_path / "dirty.bitmap")]
+    return out
 
 
 @pytest.mark.parametrize("row", ALL, ids=str)
 def test_every_serve_flag_reaches_nbdkit_or_the_plugin(row, tmp_path, src,
                                                        monkeypatch):
     """serve, up to the nbdkit command it would run: an nbdkit row becomes
-    nbdkit's flag, any other the plugin key, with the parsed value."""
+    nbdkit's flag (a bare one for a flag), any other the plugin key, with
+    the parsed value."""
     ran = []
     monkeypatch.setattr(cli, "_run_foreground",
                         lambda cmd, serving: ran.append(cmd) or 0)
     value = good(row, tmp_path)
     rc = cli.main(serve_args(src, tmp_path, "--foreground", "--target", TGT,
-                             *NEEDS.get(row.name, ()),
+                             *companions(row, tmp_path),
                              *([row.flag] if row.kind.flag
                                else [row.flag, value])))
     assert rc == 0 and len(ran) == 1
     cmd, parsed = ran[0], row.parse(value if not row.kind.flag else True)
     assert cmd[0] == "nbdkit" and cli.PLUGIN in cmd
-    if row.scope == NBDKIT:
+    if row.scope == NBDKIT and row.kind.flag:
+        assert row.nbdkit in cmd
+    elif row.scope == NBDKIT:
         i = cmd.index(row.nbdkit)
         assert cmd[i + 1] == row.format(parsed)
     else:
@@ -314,6 +345,8 @@ def test_bad_job_value_from_qmp_names_the_argument(row):
     value = bad(row)
     if row.kind.qmp is int:
         value = row.kind.hi + 1 if isinstance(row.kind, Size) else -1
+    elif row.kind.qmp is float:
+        value = -1
     elif row.kind.qmp is bool:
         pytest.skip("a JSON boolean is always a good boolean")
     with pytest.raises(QMPError) as e:

@@ -202,7 +202,8 @@ def test_query_block_jobs_reports_every_field_with_its_type(rig):
     types = {"type": str, "device": str, "len": int, "offset": int,
              "busy": bool, "paused": bool, "speed": int, "io-status": str,
              "ready": bool, "status": str, "auto-finalize": bool,
-             "auto-dismiss": bool, "actively-synced": bool}
+             "auto-dismiss": bool, "actively-synced": bool,
+             "copy-mode": str}
     assert set(types) <= set(job), job
     for field, typ in types.items():
         assert type(job[field]) is typ, (field, job)

@@ -1,0 +1,168 @@
+"""A target that goes away and comes back: the job reconnects and copies
+again only what was dirty or in flight (INTERFACE §4b).
+
+The target is a qemu-nbd on a raw file, killed (SIGKILL) and started again
+on the same socket and file: what it acknowledged before dying is in the
+file (the page cache outlives the process), what was in flight is not.
+"""
+
+import signal
+
+import pytest
+
+from helpers import (EventLog, assert_holds, guest_write, job_status,
+                     make_image, ok, qemu_nbd, qmp_execute, random_bytes,
+                     start_proxy)
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+BUF = 4 * MiB
+
+
+class Rig:
+    """Source, a killable qemu-nbd target, a proxy mirroring between them."""
+
+    def __init__(self, workdir, procs, qmp, **opts):
+        self.workdir, self.procs = workdir, procs
+        self.src = make_image(workdir / "src.img", SIZE, seed=7)
+        self.shadow = bytearray(random_bytes(7, SIZE))
+        self.tgt_img = make_image(workdir / "tgt.img", SIZE)
+        self.tgt_sock = workdir / "tgt.sock"
+        self.target = qemu_nbd(procs, self.tgt_img, self.tgt_sock)
+        self.proxy = start_proxy(procs, self.src, workdir / "g.sock",
+                                 workdir / "qmp.sock", target=self.target,
+                                 buf_size="4M", **opts)
+        self.log = EventLog(qmp(self.proxy.control))
+
+    def kill_target(self):
+        proc = next(p for p in self.procs.procs if p.name == "qemu-nbd")
+        self.procs.kill(proc, signal.SIGKILL)
+        proc.wait(10)
+        self.procs.procs.remove(proc)
+        self.tgt_sock.unlink()
+
+    def restart_target(self):
+        qemu_nbd(self.procs, self.tgt_img, self.tgt_sock)
+
+    def job(self):
+        jobs = ok(qmp_execute(self.log.client, "query-block-jobs"))
+        return jobs[0] if jobs else None
+
+    def complete_and_check(self):
+        ok(qmp_execute(self.log.client, "block-job-complete",
+                       device="mirror0"))
+        done = self.log.wait("BLOCK_JOB_COMPLETED")
+        assert "error" not in done["data"], done
+        assert_holds(self.proxy.uri, bytes(self.shadow), "guest view")
+        assert_holds(self.target, bytes(self.shadow), "target")
+        return done
+
+
+def wait_copied(rig, least):
+    """Poll until the job copied at least `least` bytes (bounded)."""
+    import time
+    deadline = time.monotonic() + 20
+    while rig.job()["offset"] < least:
+        assert time.monotonic() < deadline, rig.job()
+        time.sleep(0.02)
+
+
+def test_target_restarted_mid_copy_recopies_only_what_was_in_flight(
+        workdir, procs, qmp):
+    rig = Rig(workdir, procs, qmp, speed="32M", reconnect_delay=20)
+    wait_copied(rig, 16 * MiB)
+    rig.kill_target()
+    lost = rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+    assert lost["data"]["device"] == "mirror0"
+    assert "target-disconnected" in rig.job()
+    assert rig.job()["status"] == "running"
+    rig.restart_target()
+    back = rig.log.wait("TARGET_RECONNECTED", timeout=15)
+    assert back["data"]["downtime"] > 0
+    ready = rig.log.wait("BLOCK_JOB_READY", timeout=30)
+    # What this job wrote in all: the disk once, plus what was in flight
+    # (at most buf-size) or queued when the connection went.
+    recopied = ready["data"]["offset"] - SIZE
+    assert 0 <= recopied <= 2 * BUF, ready["data"]
+    assert "target-disconnected" not in rig.job()
+    rig.complete_and_check()
+
+
+def test_target_lost_after_ready_stays_ready_and_copies_guest_writes_later(
+        workdir, procs, qmp):
+    rig = Rig(workdir, procs, qmp, reconnect_delay=20)
+    rig.log.wait("BLOCK_JOB_READY", timeout=30)
+    rig.kill_target()
+    rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+    # The guest goes on, on the source, while the target is away.
+    guest_write(rig.proxy.uri, rig.shadow, (5 * MiB + 3, 300000, 0x5A),
+                (SIZE - 4096, 4096, 0xA5))
+    assert job_status(rig.log.client) == "ready"
+    rig.restart_target()
+    rig.log.wait("TARGET_RECONNECTED", timeout=15)
+    rig.complete_and_check()
+
+
+@pytest.mark.parametrize("policy,ends", [("stop", False), ("report", True)])
+def test_target_gone_past_the_delay_applies_on_target_error(
+        workdir, procs, qmp, policy, ends):
+    rig = Rig(workdir, procs, qmp, speed="16M", reconnect_delay=1,
+              on_target_error=policy)
+    wait_copied(rig, 4 * MiB)
+    rig.kill_target()
+    rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+    err = rig.log.wait("BLOCK_JOB_ERROR", timeout=15)
+    assert err["data"] == {"device": "mirror0", "operation": "write",
+                           "action": policy}
+    if ends:
+        done = rig.log.wait("BLOCK_JOB_COMPLETED", timeout=15)
+        assert "error" in done["data"], done
+        assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
+        return
+    rig.log.wait("JOB_STATUS_CHANGE", "paused", timeout=10)
+    assert rig.job()["io-status"] == "failed"
+    # Back, and resumed: the job reconnects and goes on from its bitmap.
+    rig.restart_target()
+    ok(qmp_execute(rig.log.client, "block-job-resume", device="mirror0"))
+    rig.log.wait("TARGET_RECONNECTED", timeout=15)
+    ok(qmp_execute(rig.log.client, "block-job-set-speed", device="mirror0",
+                   speed=0))
+    rig.log.wait("BLOCK_JOB_READY", timeout=30)
+    rig.complete_and_check()
+
+
+def test_force_cancel_while_reconnecting_ends_within_5s(workdir, procs, qmp):
+    import time
+    rig = Rig(workdir, procs, qmp, speed="16M", reconnect_delay=60)
+    wait_copied(rig, 4 * MiB)
+    rig.kill_target()
+    rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+    t0 = time.monotonic()
+    ok(qmp_execute(rig.log.client, "block-job-cancel", device="mirror0",
+                   force=True))
+    rig.log.wait("BLOCK_JOB_CANCELLED", timeout=5)
+    assert time.monotonic() - t0 < 5
+    assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
+
+
+def test_force_cancel_during_a_stalled_reconnect_ends_within_5s(
+        workdir, procs, qmp):
+    """The target stops (SIGSTOP): requests time out, the connection is
+    dropped, and reconnecting hangs in the handshake (connect-timeout 30 s)
+    until a force cancel abandons it."""
+    import time
+    rig = Rig(workdir, procs, qmp, speed="16M", io_timeout=1,
+              connect_timeout=30, reconnect_delay=60)
+    wait_copied(rig, 4 * MiB)
+    proc = next(p for p in procs.procs if p.name == "qemu-nbd")
+    procs.kill(proc, signal.SIGSTOP)
+    try:
+        rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+        t0 = time.monotonic()
+        ok(qmp_execute(rig.log.client, "block-job-cancel", device="mirror0",
+                       force=True))
+        rig.log.wait("BLOCK_JOB_CANCELLED", timeout=5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        procs.kill(proc, signal.SIGCONT)
+    assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
