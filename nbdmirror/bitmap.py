@@ -13,6 +13,9 @@ Invariants (enforced here, relied on by guest.py and copier.py):
     again if the copy fails.  So a guest write that races a copy always leaves
     its range dirty.  See guest.GuestIO.pwrite and copier.Copier.
 
+A job with a persistent bitmap (activitylog.py) keeps the file's marks a
+superset of these bits, durably, and a resumed job starts from them (load).
+
 Finding the next dirty chunk is a C-speed bitarray search from a cursor, so a
 whole pass over a 16M-chunk bitmap costs one scan, not one per step.
 """
@@ -66,6 +69,17 @@ class DirtyBitmap:
     def mark_all(self):
         self.mark_chunks(0, self.chunks)
 
+    def load(self, bits):
+        """Mark every chunk set in `bits` (a resumed job: the persistent
+        bitmap's marks, activitylog.py)."""
+        bits = bitarray(bits[:self.chunks], endian=self._bits.endian())
+        with self._lock:
+            self._bits[:len(bits)] |= bits
+            self._dirty = self._bits.count(1)
+        cb = self.on_dirty
+        if cb is not None:
+            cb()
+
     def clear_chunks(self, c0, c1):
         if c0 >= c1:
             return
@@ -94,6 +108,11 @@ class DirtyBitmap:
         with self._lock:
             end = self._bits.find(0, c0, stop)
         return stop if end < 0 else end
+
+    def count_dirty(self, c0, c1):
+        """Dirty chunks in [c0, c1)."""
+        with self._lock:
+            return self._bits.count(1, c0, min(c1, self.chunks))
 
     @property
     def dirty_chunks(self):

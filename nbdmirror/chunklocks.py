@@ -64,6 +64,16 @@ class ChunkLocks:
         with self._cond:
             return bool(self._held[chunk])
 
+    def any_held(self, c0, c1):
+        """Is a chunk of [c0, c1) held?  (activitylog.py: a copy in flight)"""
+        with self._cond:
+            return self._held.find(1, c0, c1) >= 0
+
+    def snapshot(self):
+        """A copy of the held bits (activitylog.py: saved as dirty)."""
+        with self._cond:
+            return self._held.copy()
+
     def next_free(self, start):
         """First chunk at or after `start` nobody holds, or -1."""
         with self._cond:

@@ -11,6 +11,17 @@ Invariants (the copier and the job rely on them):
       - in write-blocking mode, goes through mirror.write_through(), which
         writes the source and then the target before the guest is answered
         (job.Job.write_through says how it stays out of the copier's way).
+  * With a persistent bitmap (activitylog.py), mirror.before_write() runs
+    before a data-changing request reaches the source (on either path
+    above) and returns only once the request's regions are durably marked
+    in the bitmap file; if it raises, the request fails without touching
+    the source.  mirror.after_write() follows when the request ended, after
+    guest_wrote().  So a crash at any moment leaves every chunk that may
+    differ between source and target marked in the file, and the guest's
+    answer comes after the mark.
+  * `changed` becomes true at the first data-changing request: a job
+    resumed later (drive-mirror with an existing bitmap file) would not
+    know what that request changed.
   * Every request runs inside the gate.  close() stops new requests from
     entering; `active` counts those still inside.  Once it is 0, no guest
     request touches any backend, so the job can copy the last dirty bytes
@@ -19,7 +30,10 @@ Invariants (the copier and the job rely on them):
     (pivot, end of a soft cancel) or in a way no request can miss: the job
     sets `mirror` before its initial scan (a write in flight at that moment
     is then tracked by its dirty bit or seen by the scan), and clears it
-    when it ends, after which its bitmap no longer matters.
+    when it ends, after which its bitmap no longer matters.  A resumed job
+    (persistent bitmap, no scan) sets it before the guest is served or
+    writes; a job suspended by a clean shutdown keeps it, so that its
+    bitmap file goes on marking guest writes until the proxy closes.
 """
 
 import threading
@@ -78,6 +92,7 @@ class GuestIO:
         self.backend = backend
         self.gate = Gate()
         self.mirror = None      # the job tracking guest writes, or None
+        self.changed = False    # a data-changing request was served
 
     # -- configuration, by the job ----------------------------------------
     def set_mirror(self, mirror):
@@ -98,16 +113,22 @@ class GuestIO:
         on_target(endpoint) on the mirror target (None: it cannot be
         written through, e.g. trim, whose result is not defined)."""
         with self.gate:
+            self.changed = True
             mirror = self.mirror
             if mirror is None:
                 return on_source()
-            if on_target is not None and mirror.write_blocking:
-                return mirror.write_through(offset, length, on_source,
-                                            on_target)
+            # persistent bitmap: durably marked before the source changes
+            mirror.before_write(offset, length)
             try:
-                return on_source()
+                if on_target is not None and mirror.write_blocking:
+                    return mirror.write_through(offset, length, on_source,
+                                                on_target)
+                try:
+                    return on_source()
+                finally:
+                    mirror.guest_wrote(offset, length)
             finally:
-                mirror.guest_wrote(offset, length)
+                mirror.after_write(offset, length)   # persistent bitmap
 
     def pread(self, buf, offset):
         with self.gate:

@@ -10,7 +10,15 @@ Threads and locks:
   * Guest threads call guest_wrote() after each write (the copier marks the
     bitmap).  In write-blocking mode they call write_through() instead,
     which holds the write's chunks in `locks` (chunklocks.py) while it
-    writes the source and then the target.
+    writes the source and then the target.  Around either, before_write()
+    and after_write() (guest.py) let the persistent bitmap mark the
+    write's regions durably before the source changes.
+  * `persist` is the job's persistent bitmap (activitylog.py; NO_LOG
+    without --bitmap).  The job calls it at a few hooks, each marked
+    "persistent bitmap": attach (a resumed job's marks), scanned,
+    checkpoints (_checkpoint: a target and a source flush alongside the
+    copy, after which copied regions may be cleared in the file), the
+    pivot (pivoting before the switch, pivoted after) and the job's end.
 `_lock` guards `state`, `_speed`, `error`, `io_status` and `copy_mode`.
 
 copy-mode auto (the job thread decides): it starts as background and
@@ -42,6 +50,7 @@ import threading
 import time
 import traceback
 
+from .activitylog import NO_LOG
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
@@ -75,7 +84,7 @@ class Job:
     owns `target` until a pivot hands it to the guest path)."""
 
     def __init__(self, opts, guest, source, target, emit,
-                 connect_timeout=10.0):
+                 connect_timeout=10.0, persist=None):
         self.opts = opts
         self.id = opts.job_id
         self.guest = guest
@@ -87,10 +96,16 @@ class Job:
                               getattr(opts, "auto_dismiss", True))
         self.bitmap = DirtyBitmap(source.size, opts.granularity)
         self.locks = ChunkLocks(self.bitmap.chunks)
+        # persistent bitmap: a resumed job starts from the file's marks
+        self.persist = persist or NO_LOG
+        self.persist.attach(self.bitmap, self.locks)
+        self._checkpoint_flush = None    # (token, [errno]) in flight
         self.copier = Copier(
             self.bitmap, source, target, sync=opts.sync,
             buf_size=opts.buf_size, speed=opts.speed,
-            target_is_zero=opts.target_is_zero, on_error=self._on_error,
+            # persistent bitmap: a resumed job's target holds data already
+            target_is_zero=opts.target_is_zero and not self.persist.resumed,
+            on_error=self._on_error,
             locks=self.locks, give_up=self._aborting)
         self.copy_mode = opts.copy_mode  # "auto" until it switches
         self._least_backlog = None       # copy-mode auto: smallest seen...
@@ -218,6 +233,16 @@ class Job:
         return data
 
     # -- the guest path's hooks (guest threads) ------------------------------
+    def before_write(self, offset, length):
+        """persistent bitmap: before a data-changing guest request reaches
+        the source, its regions are durably marked (raises OSError, and the
+        request fails, if they cannot be)."""
+        self.persist.before_write(offset, length)
+
+    def after_write(self, offset, length):
+        """persistent bitmap: the request ended, its dirty bits are set."""
+        self.persist.after_write(offset, length)
+
     def guest_wrote(self, offset, length):
         """After a guest write to the source completed (or failed)."""
         self.copier.guest_wrote(offset, length)
@@ -256,6 +281,10 @@ class Job:
 
     # -- the job thread ----------------------------------------------------
     def start(self):
+        if self.persist.resumed:
+            # persistent bitmap: a resumed job has no scan to see writes
+            # made before it tracks them, so it tracks them from now on.
+            self.guest.set_mirror(self)
         self._thread.start()
 
     def wait(self, timeout=None):
@@ -288,7 +317,9 @@ class Job:
         try:
             self._open()                 # `running`: tracking on
             self._advance(S.RUNNING)
-            self._scan()
+            if not self.persist.resumed:     # persistent bitmap: no scan
+                self._scan()
+            self.persist.scanned()
             old_source = self._loop()
         except Exception as e:          # noqa: BLE001 - the job must end
             if not isinstance(e, (CopyError, OSError)):
@@ -298,15 +329,28 @@ class Job:
                 self.state.fail()
             self._abort()
         finally:
-            if not self.pivoted:
+            # persistent bitmap: after a clean shutdown's suspension the
+            # job stays the guest path's tracker, so that the file goes on
+            # marking what guests write until the proxy closes.
+            if not self.pivoted and not self.persist.suspended:
                 self.guest.set_mirror(None)
             self.bitmap.on_dirty = None
+            # persistent bitmap: the file records how the job ended (or,
+            # at a clean shutdown, the exact bitmap), target still open.
+            self.persist.job_ended(self._outcome(), self.target,
+                                   self.source)
             self.locks.abandon()
             if not self.pivoted:
                 self.target.close()
             elif old_source is not None:
                 old_source.close()
             self._done.set()
+
+    def _outcome(self):
+        if self.pivoted:
+            return "pivoted"
+        with self._lock:
+            return "failed" if self.error is not None else "cancelled"
 
     def _open(self):
         try:
@@ -378,6 +422,7 @@ class Job:
                     self._advance(S.READY,
                                   ("BLOCK_JOB_READY", self._event_data()))
                 continue
+            self._checkpoint()
             c.pump(IDLE_WAKEUP if may_retry else
                    min(IDLE_WAKEUP, max(0.0, max(self._hold_retry_at,
                                                  self._backoff_until) - now)))
@@ -425,6 +470,37 @@ class Job:
     def _backlog(self):
         """Bytes still to copy: dirty or in flight."""
         return self.bitmap.dirty_bytes() + self.copier.progress()[1]
+
+    def _checkpoint(self):
+        """persistent bitmap: now and then flush the target and the source
+        while copying, so that copied, cold regions can be cleared in the
+        file (a crash then re-copies little).  The flushes run alongside
+        the copy; a failed one clears nothing (and is no job error: the
+        copy's own errors are reported)."""
+        pending = self._checkpoint_flush
+        if pending is not None:
+            token, results = pending
+            if len(results) == 2:           # source and target flushed
+                self._checkpoint_flush = None
+                if not any(results):
+                    self.persist.flushed(token)
+            return
+        done = self.copier.done_bytes
+        if self.persist.checkpoint_due(done):
+            results = []
+            self._checkpoint_flush = (self.persist.flush_started(done),
+                                      results)
+            self._flush_source(results.append)
+            self.copier.start_flush(results.append)
+
+    def _flush_source(self, done):
+        """persistent bitmap: a region is cleared only once what was
+        copied is durable on both sides: a power loss of the source's host
+        must not take back data the target keeps."""
+        def flushed(err):
+            done(err)
+            self.copier.wake()
+        self.source.aio_flush(flushed)
 
     def _reconnect_step(self):
         """The target connection is lost: the guest stays on the source,
@@ -569,8 +645,12 @@ class Job:
         """With the gate closed and empty, `_lock` held: the pivot, or (soft
         cancel) stop tracking.  Returns the endpoint the guest left."""
         if action is Action.COMPLETE:
+            # persistent bitmap: durably "pivoting" before the guest moves
+            # (a restart then serves the target), "pivoted" after.
+            self.persist.pivoting()
             old = self.guest.switch_backend(self.target)
             self.pivoted = True
+            self.persist.pivoted()
             return old
         self.guest.set_mirror(None)
         return None

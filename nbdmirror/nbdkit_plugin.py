@@ -38,6 +38,7 @@ def _load_package(folder):
 
 _load_package(os.path.dirname(os.path.abspath(__file__)))
 
+from nbdmirror.bitmapfile import BitmapFileError  # noqa: E402
 from nbdmirror.endpoints import EndpointError  # noqa: E402
 from nbdmirror.job import JobError  # noqa: E402
 from nbdmirror.lifecycle import GuestSocket, Signals  # noqa: E402
@@ -75,7 +76,7 @@ def config_complete():
     try:
         _proxy = Proxy(_options, shutdown=_exit_now)
         _proxy.preflight()
-    except (OptionError, EndpointError, JobError) as e:
+    except (OptionError, EndpointError, JobError, BitmapFileError) as e:
         _say(e)
         raise
 

@@ -186,7 +186,9 @@ class Flag(_Kind):
 
 
 class Path(_Kind):
-    """A file path, made absolute at once (nbdkit chdirs to / later)."""
+    """A file path, made absolute at once (nbdkit chdirs to / later; over
+    QMP, a relative path is relative to the proxy's working directory)."""
+    qmp = str
     metavar = "PATH"
 
     def parse(self, value):
@@ -307,8 +309,6 @@ OPTIONS = _table(
            required=True),
     Option("device", Text(), "disk0",
            "the disk's name in QMP and events", PROXY),
-    Option("bitmap", Path(), None,
-           "persistent dirty bitmap file (not supported yet)", PROXY),
     Option("pidfile", Path(), None,
            "write the server's process id here; an existing file is "
            "replaced only if it is a stale pid file", PROXY),
@@ -379,6 +379,13 @@ OPTIONS = _table(
            "on-target-error applies (0: at once)", JOB, qmp=OPTIONAL),
     Option("target-is-zero", Flag(), False,
            "the target reads as zeroes before the job", JOB, qmp=OPTIONAL),
+    Option("bitmap", Path(), None,
+           "persistent dirty bitmap file: the job survives a crash or "
+           "restart of the proxy, and resumes from it", JOB, qmp=OPTIONAL),
+    Option("bitmap-discard", Flag(), False,
+           "start over (full copy) instead of refusing a bitmap file that "
+           "does not match, is corrupt, or whose job ended", JOB,
+           qmp=OPTIONAL),
     Option("auto-finalize", Flag(), True,
            "off: a completed job waits in `pending` (guest I/O held) for "
            "job-finalize, as QEMU's", JOB, qmp=OPTIONAL),
@@ -412,9 +419,10 @@ def parse_source(value):
 
 JobOptions = dataclasses.make_dataclass(
     "JobOptions",
-    [(r.field, object) for r in rows(JOB) if r.default is None] +
+    [(r.field, object) for r in rows(JOB)
+     if r.default is None and r.qmp == REQUIRED] +
     [(r.field, object, dataclasses.field(default=r.default))
-     for r in rows(JOB) if r.default is not None])
+     for r in rows(JOB) if r.default is not None or r.qmp != REQUIRED])
 JobOptions.__module__ = __name__
 JobOptions.__doc__ = (
     "What one mirror job needs; drive-mirror and start-up both build one. "
@@ -450,8 +458,8 @@ def qmp_arguments(job):
 
 class ProxyOptions:
     """The proxy rows' values as attributes (source, control, device,
-    bitmap, pidfile, connect_timeout, io_timeout, ...), and the job rows'
-    values that were given, in `job` by name."""
+    pidfile, connect_timeout, io_timeout, ...), and the job rows' values
+    that were given (bitmap among them), in `job` by name."""
 
     def __init__(self, **fields):
         for row in rows(PROXY):
@@ -480,8 +488,8 @@ class ProxyOptions:
         for row in rows(PROXY):
             if row.required and getattr(self, row.field) is None:
                 raise OptionError(f"{row.name}: required ({row.help})")
-        if self.bitmap:
-            raise OptionError("bitmap: persistent bitmaps are not supported yet")
+        if self.job.get("bitmap-discard") and not self.job.get("bitmap"):
+            raise OptionError("bitmap-discard: needs bitmap=")
         if self.job and "target" not in self.job:
             raise OptionError(f"{next(iter(self.job))}: job options need "
                               "target=")
@@ -500,7 +508,7 @@ class ProxyOptions:
     def inputs(self):
         """The files the proxy uses and must not replace: [(name, path)]."""
         out = [("source", paths.local_path(self.source)),
-               ("bitmap", self.bitmap),
+               ("bitmap", self.job.get("bitmap")),
                ("target", paths.local_path(self.job.get("target")))]
         return [p for p in out if p[1] is not None]
 

@@ -25,12 +25,22 @@ pytestmark = pytest.mark.timeout(30)
 
 class Mirror:
     """What GuestIO calls on a job, recorded: ("wrote", offset, length,
-    the source's bytes there at that moment) or ("through", ...)."""
+    the source's bytes there at that moment) or ("through", ...); the
+    persistent bitmap's hooks around them in `hooks`: ("before", offset,
+    length, the source's bytes then) and ("after", offset, length)."""
 
     def __init__(self, src, write_blocking=False):
         self.src = src
         self.write_blocking = write_blocking
         self.calls = []
+        self.hooks = []
+
+    def before_write(self, offset, length):
+        self.hooks.append(("before", offset, length,
+                           bytes(self.src.data[offset:offset + length])))
+
+    def after_write(self, offset, length):
+        self.hooks.append(("after", offset, length, len(self.calls)))
 
     def guest_wrote(self, offset, length):
         self.calls.append(("wrote", offset, length,
@@ -58,6 +68,19 @@ def test_a_tracked_write_is_reported_after_the_source_has_it():
     assert guest.mirror.calls == [("wrote", 5000, 100, b"\x01" * 100),
                                   ("wrote", 6000, 200, bytes(200)),
                                   ("wrote", 7000, 300, bytes(300))]
+
+
+def test_the_persistent_bitmap_hooks_come_before_the_source_and_after_all():
+    """before_write sees the source unchanged (the durable mark comes
+    first); after_write comes once the write was reported."""
+    _, src, guest = guest_on()
+    guest.set_mirror(Mirror(src))
+    guest.pwrite(b"\x01" * 100, 5000)
+    guest.zero(200, 6000)
+    assert guest.mirror.hooks == [("before", 5000, 100, bytes(100)),
+                                  ("after", 5000, 100, 1),
+                                  ("before", 6000, 200, bytes(200)),
+                                  ("after", 6000, 200, 2)]
 
 
 def test_a_failed_source_write_is_reported_too():

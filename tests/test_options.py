@@ -177,6 +177,8 @@ def companions(row, tmp_path):
         out += ["--tls", "require", "--tls-certificates", str(d)]
     if row.name in ("tls-psk", "tls-certificates"):
         out += ["--tls", "on"]
+    if row.name == "bitmap-discard":
+        out += ["--bitmap", str(tmp_path / "dirty.bitmap")]
     return out
 
 
@@ -194,9 +196,6 @@ def test_every_serve_flag_reaches_nbdkit_or_the_plugin(row, tmp_path, src,
                              *companions(row, tmp_path),
                              *([row.flag] if row.kind.flag
                                else [row.flag, value])))
-    if row.name == "bitmap":        # refused until persistent bitmaps land
-        assert rc == 2
-        return
     assert rc == 0 and len(ran) == 1
     cmd, parsed = ran[0], row.parse(value if not row.kind.flag else True)
     assert cmd[0] == "nbdkit" and cli.PLUGIN in cmd
@@ -446,7 +445,7 @@ def test_job_options_has_one_field_per_job_row():
     for f in dataclasses.fields(JobOptions):
         row = OPTIONS[f.name.replace("_", "-")]
         assert f.default == (dataclasses.MISSING if row.default is None
-                             else row.default)
+                             and row.qmp == REQUIRED else row.default)
 
 
 def test_job_options_parse_strings_as_from_the_command_line():
@@ -583,7 +582,7 @@ def test_proxy_set_applies_proxy_and_job_keys(tmp_path):
 
 def test_proxy_defaults():
     p = ProxyOptions()
-    assert (p.device, p.bitmap, p.pidfile, p.job) == ("disk0", None, None, {})
+    assert (p.device, p.pidfile, p.job) == ("disk0", None, {})
     assert p.job_options() is None
 
 
@@ -614,11 +613,33 @@ def test_proxy_check_job_keys_need_a_target(tmp_path):
         p.check()
 
 
-def test_proxy_check_refuses_bitmap_for_now(tmp_path):
+def test_proxy_check_bitmap_is_a_job_option_made_absolute(tmp_path):
     p = ProxyOptions(source="/x", control=str(tmp_path / "c"))
     p.set("bitmap", "b.bin")
-    assert p.bitmap.startswith("/")
-    with pytest.raises(OptionError, match="^bitmap: "):
+    assert p.job["bitmap"].startswith("/")
+    with pytest.raises(OptionError, match="^bitmap: job options need "
+                                          "target=$"):
+        p.check()
+    p.set("target", TGT)
+    p.check()
+    assert p.job_options().bitmap == p.job["bitmap"]
+
+
+def test_proxy_check_bitmap_discard_needs_a_bitmap(tmp_path):
+    p = ProxyOptions(source="/x", control=str(tmp_path / "c"))
+    p.set("target", TGT)
+    p.set("bitmap-discard", "true")
+    with pytest.raises(OptionError, match="^bitmap-discard: needs bitmap=$"):
+        p.check()
+
+
+def test_proxy_check_bitmap_must_not_be_another_path(tmp_path):
+    p = ProxyOptions(source=str(tmp_path / "src"), control=str(tmp_path / "c"))
+    (tmp_path / "src").write_bytes(b"")
+    p.set("target", TGT)
+    p.set("bitmap", str(tmp_path / "src"))
+    with pytest.raises(OptionError, match="^bitmap: .*the same file as "
+                                          "source"):
         p.check()
 
 
