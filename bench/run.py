@@ -52,6 +52,14 @@ work on the machine skews the figures.  Sections (--only picks some):
      mid-copy, proxy --io-timeout 1: the job reconnects), as BLOCK_JOB_READY
      offset minus the disk size against the disk (aim <= 5 %).
 
+  G  the persistent bitmap (--bitmap), on a ready background job (the fio
+     file, `nbdkit memory` target): guest 4 KiB random write IOPS (fio,
+     iodepth 16) and 1 MiB sequential write MB/s with it against the same
+     job without (aims >= 0.75 and >= 0.9); and after SIGKILL of the proxy
+     halfway through a job's copy (--speed: about 2 s for the disk) and a
+     restart, the bytes it copies again beyond what was still to copy,
+     against the disk (aim <= 5 %).
+
 --compare DIR runs the nbdmirror side of sections A and B for DIR's
 checkout too (PYTHONPATH=DIR), taking turns with this one, and prints
 both ("before" = DIR); the other sections are not run then.
@@ -686,6 +694,78 @@ def target_cut(ctx):
                  f"{median(data['down']):.2f} s")
 
 
+# -- G: the persistent bitmap ---------------------------------------------------
+
+def persistent_bitmap(ctx):
+    """G1/G2: a ready job's guest writes with --bitmap against without,
+    the two proxies on the fio file, fio taking turns."""
+    b, s = ctx.bench, ctx.sizes
+    rows = {("randwrite", "4k"): ctx.row(
+                "G1", "guest 4K random write IOPS, ready job, --bitmap",
+                unit="IOPS", base_name="without", aim=Aim(">=", 0.75)),
+            ("write", "1m"): ctx.row(
+                "G2", "guest 1M seq. write MB/s, ready job, --bitmap",
+                unit="MB/s", base_name="without", aim=Aim(">=", 0.9))}
+    with section(ctx, list(rows.values())):
+        proxies = {}
+        for side in ("bitmap", "without"):
+            tgt, _ = b.nbdkit("memory", str(s.fio_file))
+            opts = {"bitmap": b.path("g.bitmap")} if side == "bitmap" \
+                else {}
+            proxies[side] = b.proxy(ctx.fio_file(), target=tgt, **opts)
+        for p in proxies.values():
+            wait_job_ready(b, p)
+
+        def fio_side(side, rw, bs):
+            def run():
+                job = b.fio(proxies[side].uri, rw, s.fio_runtime,
+                            bs=bs).wait()
+                return {side: fio_iops(job, 1) if bs == "4k"
+                        else job["write"]["bw_bytes"] / 1e6}
+            return run
+        for (rw, bs), row in rows.items():
+            data = turns(b.runs, {side: fio_side(side, rw, bs)
+                                  for side in proxies})
+            fill(row, data, "bitmap", "without")
+    recopy_after_kill(ctx)
+
+
+def recopy_after_kill(ctx):
+    """G3: SIGKILL nbdkit halfway through the copy, restart with the same
+    bitmap; READY's offset (this run's copy) minus what was left."""
+    b, s = ctx.bench, ctx.sizes
+    row = ctx.row("G3", f"copied again after SIGKILL mid-copy, "
+                        f"{size_text(s.cut_disk)} job, --bitmap", unit="%",
+                  aim=Aim("<=", 5, of="value"))
+    with section(ctx, [row]):
+        disk = b.path("kill.img")
+        copy_prefix(ctx.random_file(), disk, s.cut_disk)
+        speed = f"{max(1, s.cut_disk // 2 // MiB)}M"
+
+        runs = []
+
+        def once():
+            runs.append(None)
+            bitmap = b.path(f"kill{len(runs)}.bitmap")
+            with b.target("file", s.cut_disk) as (tgt, _):
+                proxy = b.proxy(disk, target=tgt, bitmap=bitmap, speed=speed)
+                done = wait_offset(proxy, s.cut_disk // 2, b.timeout)
+                os.kill(proxy_pids(proxy)[-1], signal.SIGKILL)
+                proxy.proc.wait(10)
+                b.stop_proxy(proxy)
+                proxy = b.proxy(disk, target=tgt, bitmap=bitmap)
+                again = wait_job_ready(b, proxy)["offset"]
+                b.stop_proxy(proxy)
+            left = s.cut_disk - done
+            return {"recopy": max(0, again - left) / s.cut_disk * 100,
+                    "left": left / MiB, "again": again / MiB}
+        data = turns(b.runs, {"kill": once})
+        fill(row, data, "recopy")
+        row.note(f"copied again median {median(data['again']):.0f} MiB, "
+                 f"of which {median(data['left']):.0f} MiB were still to "
+                 f"copy at the kill")
+
+
 def wait_offset(proxy, offset, timeout):
     """Poll until the job's offset reaches `offset`; return the offset."""
     deadline = time.monotonic() + timeout
@@ -704,7 +784,7 @@ def wait_offset(proxy, offset, timeout):
 
 SECTIONS = {"A": [time_to_ready], "B": [guest_io, reads_during_copy],
             "C": [pivot], "D": [convergence], "E": [scale],
-            "F": [slow_target, target_cut]}
+            "F": [slow_target, target_cut], "G": [persistent_bitmap]}
 COMPARED = "AB"         # the sections --compare runs for both checkouts
 
 
@@ -713,7 +793,7 @@ def need_space(sizes, sections):
     tmp = sizes.data + sizes.fio_file + 512 * MiB
     if "A" in sections:
         tmp += sizes.data                       # a target file
-    if "F" in sections:
+    if "F" in sections or "G" in sections:
         tmp += 2 * sizes.cut_disk
     shm = 2 * max(d for _, d in sizes.scale) + 256 * MiB \
         if "E" in sections else 0

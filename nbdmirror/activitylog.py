@@ -34,7 +34,7 @@ How (as DRBD's activity log, over REGION-byte regions):
     the initial scan has marked what the job must copy (`scanned`).
   * Checkpoints: the job asks checkpoint_due() and then flushes target and
     source (job.Job._checkpoint), alongside the copy, every checkpoint_bytes
-    copied (1/64 of the disk, 16M to 256M) or CHECKPOINT_INTERVAL seconds
+    copied (1/64 of the disk, 4M to 256M) or CHECKPOINT_INTERVAL seconds
     while something may be cleared (a region marked that is not warm, or
     one cooling), so that a crash re-copies little.
   * The end (job_ended): a pivot is recorded, synced, before the guest is
@@ -72,9 +72,10 @@ MAX_HOT = 1024              # regions kept marked while written, at most...
 COOL_AFTER = 5.0            # ... and only while written this recently
 MARK_AHEAD = 8              # regions marked ahead of a sequential writer
 CHECKPOINT_INTERVAL = 1.0   # s between checkpoint flushes, at least...
-CHECKPOINT_MIN_BYTES = 16 << 20     # ... unless this many bytes were copied
+CHECKPOINT_MIN_BYTES = 4 << 20      # ... unless this many bytes were copied
 CHECKPOINT_MAX_BYTES = 256 << 20
 MAX_EXAMINE = 4096          # regions looked at per checkpoint, at most
+LOOK_INTERVAL = 0.01        # s between looks for a checkpoint, at least
 SAVE_FLUSH_TIMEOUT = 2.0    # s a clean shutdown waits for each flush
 
 # A knob for tests and tuning, not an option: NBDMIRROR_ACTIVITY_LOG=
@@ -246,6 +247,7 @@ class ActivityLog(NoLog):
         self._ck_time = time.monotonic()
         self._ck_done = 0
         self._ck_fresh = True       # nothing was ever cleared: look
+        self._next_look = 0.0       # checkpoint_due looks again then
         self.syncs = 0              # for tests and the benchmark
         self.cleared = 0            # regions cleared
 
@@ -392,7 +394,13 @@ class ActivityLog(NoLog):
 
     # -- the job thread: checkpoints ------------------------------------------
     def checkpoint_due(self, done_bytes):
-        """Time for a checkpoint flush (see the module docstring)?"""
+        """Time for a checkpoint flush (see the module docstring)?  Looked
+        at most every LOOK_INTERVAL: the job thread asks at every turn of
+        its loop, and guest requests wait for `_lock` meanwhile."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + LOOK_INTERVAL
         with self._lock:
             if not self._scanned or self._ended or not self.marked.any():
                 return False

@@ -430,6 +430,7 @@ def test_a_warm_region_stays_marked_unless_too_many_are(tmp_path,
 
 def test_nothing_is_cleared_before_the_scan(tmp_path, monkeypatch):
     monkeypatch.setattr(activitylog, "COOL_AFTER", 0.0)
+    monkeypatch.setattr(activitylog, "LOOK_INTERVAL", 0.0)
     Disk(monkeypatch)
     size = 16 * M
     log = open_log(tmp_path / "bm", size, sync="full")

@@ -14,8 +14,9 @@ from helpers import REPO
 BENCH = os.path.join(REPO, "bench", "run.py")
 ROWS = ([f"A{i}" for i in range(1, 17)] + [f"B{i}" for i in range(1, 9)]
         + ["C1"] + [f"D{i}" for i in range(1, 5)]
-        + [f"E{i}" for i in range(1, 9)] + ["F1", "F2"])
-NO_BASELINE = ("E1", "E5", "F2")        # peak RSS, re-copied share
+        + [f"E{i}" for i in range(1, 9)] + ["F1", "F2"]
+        + ["G1", "G2", "G3"])
+NO_BASELINE = ("E1", "E5", "F2", "G3")  # peak RSS, re-copied shares
 
 
 def live_processes_mentioning(text):
