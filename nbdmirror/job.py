@@ -414,11 +414,15 @@ class Job:
                         return old_source
                     continue
             if self.status is S.RUNNING and may_retry and c.converged():
-                # The flush must cover every write: none may complete
-                # while it is in flight (the copier runs meanwhile).
-                written = self._written()
+                # The flush must cover every copy: none may complete while
+                # it is in flight (the copier runs meanwhile).  Write-
+                # throughs that complete meanwhile are guest writes after
+                # the point of ready (the flush's start), mirrored as every
+                # later one is; counting them would keep a write-blocking
+                # job under a busy guest from ever being ready.
+                copied = self._copied()
                 if self._flush() and c.converged() and \
-                        self._written() == written:
+                        self._copied() == copied:
                     self._advance(S.READY,
                                   ("BLOCK_JOB_READY", self._event_data()))
                 continue
@@ -461,11 +465,11 @@ class Job:
                                       self._rate * HOLD_AIM) or \
             now - self._finish_asked >= HOLD_PATIENCE
 
-    def _written(self):
-        """Bytes written to the target so far, by copies and write-throughs
-        (it changes whenever one completes)."""
+    def _copied(self):
+        """Bytes the copier wrote to the target so far (it changes whenever
+        a copy completes)."""
         c = self.copier
-        return c.copied_bytes + c.zeroed_bytes + self._through_bytes
+        return c.copied_bytes + c.zeroed_bytes
 
     def _backlog(self):
         """Bytes still to copy: dirty or in flight."""
