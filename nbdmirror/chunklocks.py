@@ -13,8 +13,15 @@ Invariants:
     wants (try_take) and leaves held chunks for later, so guest writes
     cannot starve it (QEMU commit d69a879bdf).  Guest writes wait (take)
     until the copier's ops on their chunks end.
-  * `_cond`'s lock guards `_held` and `_abandoned`; release() wakes every
-    waiter.  When the job ends, abandon() frees the waiters for good: with
+  * `_cond`'s lock guards `_held`, `_abandoned` and `_passed_over`;
+    release() wakes every waiter.
+  * The copier does not wait here, so it must be woken when what it passed
+    over is released: `_passed_over` is set, under the lock, whenever
+    try_take() or is_held() finds a held chunk, and release() returns it
+    (and clears it).  A write-through wakes the copier only then: not on
+    every guest write.  Set and returned under one lock, no wake is lost; a
+    release by the copier itself may clear it, as the copier looks again
+    before it waits.  When the job ends, abandon() frees the waiters for good: with
     no job there is nothing left to keep in step.
 """
 
@@ -29,6 +36,7 @@ class ChunkLocks:
         self._held.setall(0)
         self._cond = threading.Condition()
         self._abandoned = False
+        self._passed_over = False
 
     def try_take(self, c0, c1):
         """Take the longest free run [c0, x) of [c0, c1); return x (c0 when
@@ -37,6 +45,8 @@ class ChunkLocks:
             busy = self._held.find(1, c0, c1)
             end = c1 if busy < 0 else busy
             self._held[c0:end] = 1
+            if busy >= 0:
+                self._passed_over = True
             return end
 
     def take(self, c0, c1):
@@ -56,13 +66,19 @@ class ChunkLocks:
             self._cond.notify_all()
 
     def release(self, c0, c1):
+        """Free [c0, c1); True if the copier passed over a held chunk
+        since the last release (it may be waiting for this one)."""
         with self._cond:
             self._held[c0:c1] = 0
             self._cond.notify_all()
+            passed_over, self._passed_over = self._passed_over, False
+            return passed_over
 
     def is_held(self, chunk):
         with self._cond:
-            return bool(self._held[chunk])
+            held = bool(self._held[chunk])
+            self._passed_over |= held
+            return held
 
     def any_held(self, c0, c1):
         """Is a chunk of [c0, c1) held?  (activitylog.py: a copy in flight)"""

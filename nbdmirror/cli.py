@@ -169,6 +169,8 @@ def serve(args):
         if path:
             paths.remove_stale_socket(path)
 
+    if server.get("threads") is None:
+        server["threads"] = endpoints.endpoint_kind(opts.source).guest_threads
     cmd = ["nbdkit"]
     for row in rows(NBDKIT):
         value = server.get(row.name, row.default)

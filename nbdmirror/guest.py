@@ -43,20 +43,25 @@ class Gate:
     """Counts guest requests in flight; close() keeps new ones out."""
 
     def __init__(self):
-        self._cond = threading.Condition()
+        # A plain Lock (the default RLock costs every request more), taken
+        # directly on the request path.  Waiters (wait_empty, requests at a
+        # closed gate) exist only while the gate is closed: only then does
+        # the last request out need to wake them.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self._closed = False
 
     def __enter__(self):
-        with self._cond:
+        with self._lock:
             while self._closed:
                 self._cond.wait()
             self._active += 1
 
     def __exit__(self, *exc):
-        with self._cond:
+        with self._lock:
             self._active -= 1
-            if not self._active:
+            if self._closed and not self._active:
                 self._cond.notify_all()
 
     def close(self):
@@ -65,7 +70,8 @@ class Gate:
             self._closed = True
 
     def wait_empty(self, timeout):
-        """Wait up to `timeout` s for the requests inside; True if none is."""
+        """After close(): wait up to `timeout` s for the requests inside;
+        True if none is."""
         with self._cond:
             if self._active:
                 self._cond.wait(timeout)

@@ -271,13 +271,17 @@ class Job:
                 on_target(self.target)
             except Exception:       # noqa: BLE001 - the guest's write is done
                 self.bitmap.mark(offset, length)
+                self.copier.wake()
             else:
                 with self._lock:
                     self._through_bytes += length
             return result
         finally:
-            self.locks.release(c0, c1)
-            self.copier.wake()
+            # Wake the copier only if it passed over held chunks (these
+            # may be among them): a wake per guest write costs the job
+            # thread a loop, and a guest write the GIL, for nothing.
+            if self.locks.release(c0, c1):
+                self.copier.wake()
 
     # -- the job thread ----------------------------------------------------
     def start(self):

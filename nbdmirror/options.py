@@ -340,9 +340,11 @@ OPTIONS = _table(
            "guest-facing X.509: clients must show a certificate signed by "
            "the CA", NBDKIT, nbdkit="--tls-verify-peer"),
     # nbdkit's default of 16 threads per connection makes Python's GIL the
-    # bottleneck of guest reads: 4 read 1 GiB 1.3-1.5x faster (README).
-    Option("threads", Int(1, 1024), 4,
-           "nbdkit worker threads per guest connection", NBDKIT, nbdkit="-t"),
+    # bottleneck of guest requests; serve picks by the source's kind
+    # (endpoints.Endpoint.guest_threads, README "Guest I/O").
+    Option("threads", Int(1, 1024), None,
+           "nbdkit worker threads per guest connection (default: 1 for a "
+           "file source, 4 for an NBD source)", NBDKIT, nbdkit="-t"),
     # -- the job ------------------------------------------------------------------
     Option("target", NbdUri(), None,
            "NBD URI of the mirror target; without it no job starts until "
