@@ -20,15 +20,20 @@ Invariants (see also bitmap.py and extents.py):
   * If any piece of an op fails, the whole op's chunks are marked dirty
     again when the op ends.  Progress (`done_bytes`) grows only when an op
     ends without error: it counts work done, not work issued.
+  * Every target write or zero that completed is recorded in `unflushed`
+    (unflushed.py) until a target flush covers it; a lost connection marks
+    those regions dirty again (target_lost()).
   * Bytes of data in flight never exceed buf-size (or one 4K piece when it
     is smaller): each read takes a buffer from a pool of at most buf-size /
     piece-size buffers, made when first needed and then reused.
 
 Who calls what:
   * the job thread: scan, learn_target, pump, start/stop issuing, drain,
-    abandon, start_flush, set_speed, back_off, converged, busy, throttled;
+    abandon, start_flush, target_lost, set_speed, back_off, converged,
+    busy, throttled;
   * any thread: wake, guest_wrote, progress;
-  * a write-through guest write, for the chunks it holds: written_through.
+  * a write-through guest write, for the chunks it holds: written_through,
+    and unflushed.wrote() once its target write completed.
 """
 
 import collections
@@ -42,6 +47,7 @@ from .endpoints import errno_of
 from .extents import ExtentCache
 from .ratelimit import RateLimit
 from .targetzero import TargetZeroMap
+from .unflushed import UnflushedMap
 
 REQUEST_SIZE = 1 << 20      # data pieces and coalesced data ops, at most
 ZERO_REQUEST = 1 << 30      # a zero request, at most
@@ -114,6 +120,7 @@ class Copier:
         self._zero_view = memoryview(bytes(REQUEST_SIZE))
         self.locks = locks or ChunkLocks(bitmap.chunks)
         self.target_zero = TargetZeroMap(bitmap, target_is_zero)
+        self.unflushed = UnflushedMap(bitmap)
         self._fast_zero = target.can_fast_zero
         self._queue = collections.deque()          # pieces not yet issued
         self._done = collections.deque()           # (piece, errno) completed
@@ -441,6 +448,9 @@ class Copier:
                 self.zeroed_bytes += piece.length
             elif piece.kind == "write":
                 self.copied_bytes += piece.length
+            if not err and piece.kind in ("zero", "write"):
+                # before the op releases its chunks (unflushed.py)
+                self.unflushed.wrote(piece.offset, piece.length)
             self._piece_finished(piece)
 
     def _piece_finished(self, piece):
@@ -521,8 +531,22 @@ class Copier:
 
     def start_flush(self, done):
         """Flush the target; done(errno) follows from any thread, and
-        pump() returns once it did."""
+        pump() returns once it did.  A flush that worked makes every target
+        write completed before it durable (unflushed.py)."""
+        gen = self.unflushed.flush_started()
+
         def flushed(err):
+            self.unflushed.flush_done(gen, not err)
             done(err)
             self._event.set()
         self.target.aio_flush(flushed)
+
+    def target_lost(self):
+        """The target connection was lost: mark dirty again what the
+        target may have lost with it (everything written since its last
+        flush).  Returns the bytes marked."""
+        marked = 0
+        for c0, c1 in self.unflushed.lost():
+            self.bitmap.mark_chunks(c0, c1)
+            marked += self.bitmap.chunk_bytes(c0, c1)
+        return marked

@@ -60,6 +60,8 @@ from .jobstate import Action, JobState, Status
 S = Status
 ABORT_GRACE = 1.0       # seconds an abort waits for in-flight requests
 IDLE_WAKEUP = 1.0       # the job thread looks around at least this often
+FLUSH_BYTES = 1 << 30   # flush the target after this much written ...
+FLUSH_AGE = 10.0        # ... or this long after its oldest unflushed write
 PIVOT_HOLD_LIMIT = 5.0  # seconds guest I/O may be held for a pivot
 HOLD_AIM = 0.5          # hold when the backlog takes about this long to copy
 HOLD_MIN_BACKLOG = 1 << 20   # ... or is this small, whatever the rate
@@ -100,6 +102,7 @@ class Job:
         self.persist = persist or NO_LOG
         self.persist.attach(self.bitmap, self.locks)
         self._checkpoint_flush = None    # (token, [errno]) in flight
+        self._periodic_flush = False     # _flush_now_and_then in flight
         self.copier = Copier(
             self.bitmap, source, target, sync=opts.sync,
             buf_size=opts.buf_size, speed=opts.speed,
@@ -273,6 +276,7 @@ class Job:
                 self.bitmap.mark(offset, length)
                 self.copier.wake()
             else:
+                self.copier.unflushed.wrote(offset, length)
                 with self._lock:
                     self._through_bytes += length
             return result
@@ -431,6 +435,7 @@ class Job:
                                   ("BLOCK_JOB_READY", self._event_data()))
                 continue
             self._checkpoint()
+            self._flush_now_and_then()
             c.pump(IDLE_WAKEUP if may_retry else
                    min(IDLE_WAKEUP, max(0.0, max(self._hold_retry_at,
                                                  self._backoff_until) - now)))
@@ -501,6 +506,24 @@ class Job:
             self._flush_source(results.append)
             self.copier.start_flush(results.append)
 
+    def _flush_now_and_then(self):
+        """Bound what a lost target connection costs (unflushed.py): flush
+        the target once FLUSH_BYTES were written since its last flush, or
+        FLUSH_AGE s after the oldest write it has not flushed.  One such
+        flush at a time, alongside the copy; a failed one is no job error
+        (the copy's errors, and ready's and the pivot's flushes, report)."""
+        if self._periodic_flush or self.target.dead is not None:
+            return
+        m = self.copier.unflushed
+        oldest = m.oldest
+        if m.unflushed_bytes >= FLUSH_BYTES or \
+                (oldest is not None and time.monotonic() - oldest >= FLUSH_AGE):
+            self._periodic_flush = True
+            self.copier.start_flush(self._periodic_flushed)
+
+    def _periodic_flushed(self, err):
+        self._periodic_flush = False
+
     def _flush_source(self, done):
         """persistent bitmap: a region is cleared only once what was
         copied is durable on both sides: a power loss of the source's host
@@ -538,6 +561,8 @@ class Job:
             else:
                 downtime = time.monotonic() - self._lost_at
                 self._lost_at = None
+                # The server may have lost what it had not flushed.
+                c.target_lost()
                 self._advance(("TARGET_RECONNECTED", {
                     "device": self.id, "downtime": round(downtime, 3)}))
                 c.start()

@@ -301,3 +301,34 @@ def test_guest_writes_racing_the_copier_never_overlap_on_the_target(
     assert rig.sched.max_data_in_flight <= 96 * K
     if copy_mode == "write-blocking":
         assert any(r.sync and r.kind == "write" for r in rig.tgt.log)
+
+
+# -- flushes now and then (unflushed.py) ---------------------------------------
+
+def test_copies_after_ready_are_flushed_within_flush_age(rigs, monkeypatch):
+    """What the job writes after ready becomes durable on the target by
+    itself, FLUSH_AGE after the oldest unflushed write, with no guest flush
+    and no pivot: a target lost later costs at most that much again."""
+    monkeypatch.setattr(job_mod, "FLUSH_AGE", 0.2)
+    rig = rigs().start()
+    rig.wait_event("BLOCK_JOB_READY")
+    flushes = len(rig.tgt.flushes)
+    rig.guest.pwrite(bytes([0xEE]) * 4096, 70000)
+    poll(lambda: rig.tgt.durable == rig.guest.backend.data,
+         what="the guest's write durable on the target")
+    assert len(rig.tgt.flushes) > flushes and not any(rig.tgt.flushes)
+    assert rig.job.copier.unflushed.unflushed_bytes == 0
+
+
+def test_a_lost_target_gets_again_what_it_had_not_flushed(rigs):
+    rig = rigs().start()
+    rig.wait_event("BLOCK_JOB_READY")
+    rig.guest.pwrite(bytes([0xEE]) * 4096, 70000)
+    unflushed = rig.job.copier.unflushed
+    poll(lambda: rig.tgt.data == rig.guest.backend.data and
+         unflushed.unflushed_bytes, what="the copy, reaped")
+    assert rig.job.copier.target_lost() == 1 << 20  # its whole region
+    done = rig.job.copier.done_bytes
+    poll(lambda: rig.job.copier.done_bytes >= done + (1 << 20),
+         what="the region copied again")
+    poll(lambda: rig.tgt.data == rig.guest.backend.data, what="the copy")

@@ -1,9 +1,11 @@
 """A target that goes away and comes back: the job reconnects and copies
-again only what was dirty or in flight (INTERFACE §4b).
+again what was dirty or in flight, and what the target had not flushed
+(INTERFACE §4b; nbdmirror/unflushed.py).
 
-The target is a qemu-nbd on a raw file, killed (SIGKILL) and started again
-on the same socket and file: what it acknowledged before dying is in the
-file (the page cache outlives the process), what was in flight is not.
+The target is killed (SIGKILL) and started again on the same socket and
+file.  A qemu-nbd on a raw file keeps what it acknowledged (the page cache
+outlives the process); tests/plugins/volatile_cache.py loses every write
+since its last flush, as NBD allows a server to.
 """
 
 import signal
@@ -11,8 +13,9 @@ import signal
 import pytest
 
 from helpers import (EventLog, assert_holds, guest_write, job_status,
-                     make_image, ok, qemu_nbd, qmp_execute, random_bytes,
-                     start_proxy)
+                     make_image, nbdkit_server, ok, qemu_nbd, qmp_execute,
+                     random_bytes, start_proxy)
+from servers import PLUGINS
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -20,29 +23,36 @@ BUF = 4 * MiB
 
 
 class Rig:
-    """Source, a killable qemu-nbd target, a proxy mirroring between them."""
+    """Source, a killable target (`kind`: qemu-nbd, or volatile: a write
+    cache only flushes empty), a proxy mirroring between them."""
 
-    def __init__(self, workdir, procs, qmp, **opts):
-        self.workdir, self.procs = workdir, procs
+    def __init__(self, workdir, procs, qmp, kind="qemu-nbd", **opts):
+        self.workdir, self.procs, self.kind = workdir, procs, kind
         self.src = make_image(workdir / "src.img", SIZE, seed=7)
         self.shadow = bytearray(random_bytes(7, SIZE))
         self.tgt_img = make_image(workdir / "tgt.img", SIZE)
         self.tgt_sock = workdir / "tgt.sock"
-        self.target = qemu_nbd(procs, self.tgt_img, self.tgt_sock)
+        self.target = self.restart_target()
         self.proxy = start_proxy(procs, self.src, workdir / "g.sock",
                                  workdir / "qmp.sock", target=self.target,
                                  buf_size="4M", **opts)
         self.log = EventLog(qmp(self.proxy.control))
 
     def kill_target(self):
-        proc = next(p for p in self.procs.procs if p.name == "qemu-nbd")
+        proc = next(p for p in self.procs.procs if p.name == self.server)
         self.procs.kill(proc, signal.SIGKILL)
         proc.wait(10)
         self.procs.procs.remove(proc)
         self.tgt_sock.unlink()
 
     def restart_target(self):
-        qemu_nbd(self.procs, self.tgt_img, self.tgt_sock)
+        if self.kind == "qemu-nbd":
+            self.server = "qemu-nbd"
+            return qemu_nbd(self.procs, self.tgt_img, self.tgt_sock)
+        self.server = "nbdkit"
+        return nbdkit_server(self.procs, self.tgt_sock, "python",
+                             str(PLUGINS / "volatile_cache.py"),
+                             f"file={self.tgt_img}")
 
     def job(self):
         jobs = ok(qmp_execute(self.log.client, "query-block-jobs"))
@@ -67,10 +77,12 @@ def wait_copied(rig, least):
         time.sleep(0.02)
 
 
-def test_target_restarted_mid_copy_recopies_only_what_was_in_flight(
-        workdir, procs, qmp):
-    rig = Rig(workdir, procs, qmp, speed="32M", reconnect_delay=20)
+@pytest.mark.parametrize("kind", ["qemu-nbd", "volatile"])
+def test_target_restarted_mid_copy_recopies_what_it_had_not_flushed(
+        workdir, procs, qmp, kind):
+    rig = Rig(workdir, procs, qmp, kind, speed="32M", reconnect_delay=20)
     wait_copied(rig, 16 * MiB)
+    copied = rig.job()["offset"]
     rig.kill_target()
     lost = rig.log.wait("TARGET_DISCONNECTED", timeout=15)
     assert lost["data"]["device"] == "mirror0"
@@ -80,11 +92,30 @@ def test_target_restarted_mid_copy_recopies_only_what_was_in_flight(
     back = rig.log.wait("TARGET_RECONNECTED", timeout=15)
     assert back["data"]["downtime"] > 0
     ready = rig.log.wait("BLOCK_JOB_READY", timeout=30)
-    # What this job wrote in all: the disk once, plus what was in flight
-    # (at most buf-size) or queued when the connection went.
+    # What this job wrote in all: the disk once, plus, again, what it had
+    # written since its last flush (none yet: all of it, in whole 1 MiB
+    # regions) and what was in flight (at most buf-size) or queued when
+    # the connection went.
     recopied = ready["data"]["offset"] - SIZE
-    assert 0 <= recopied <= 2 * BUF, ready["data"]
+    assert copied <= recopied <= copied + 3 * BUF, (copied, ready["data"])
     assert "target-disconnected" not in rig.job()
+    rig.complete_and_check()
+
+
+def test_unflushed_guest_writes_lost_by_the_target_are_copied_again(
+        workdir, procs, qmp):
+    """Ready (the target flushed), the guest writes, the job copies the
+    writes into the target's cache; the target dies before it flushes
+    them.  Back, the target has lost them: the job copies them again."""
+    rig = Rig(workdir, procs, qmp, "volatile", reconnect_delay=20)
+    rig.log.wait("BLOCK_JOB_READY", timeout=30)
+    guest_write(rig.proxy.uri, rig.shadow, (7 * MiB + 5, 200000, 0x3C),
+                (40 * MiB, 65536, 0xC3))
+    wait_copied(rig, SIZE + 2 * 65536)      # ... into the target's cache
+    rig.kill_target()                       # within FLUSH_AGE: not flushed
+    rig.log.wait("TARGET_DISCONNECTED", timeout=15)
+    rig.restart_target()
+    rig.log.wait("TARGET_RECONNECTED", timeout=15)
     rig.complete_and_check()
 
 
