@@ -20,6 +20,9 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+# This checkout's package for what imports it in-process (profile_copy.py,
+# option defaults), ahead of any installed (editable) nbdmirror.
+sys.path.insert(0, REPO)
 
 from helpers import (EventLog, HarnessError, Processes,  # noqa: E402
                      make_image, nbdkit_server, nbdmirror_env, qemu_nbd, qmp_connect, qmp_execute, start_proxy,
