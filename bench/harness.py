@@ -276,6 +276,24 @@ def proxy_plugin(proxy):
     raise BenchError(f"no nbdkit python plugin under pid {proxy.proc.pid}")
 
 
+def proxy_threads(proxy):
+    """nbdkit's worker threads per connection (its -t) under the proxy;
+    None when serve passed none (nbdkit's own default)."""
+    for pid in proxy_pids(proxy):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "python" in args:
+            head = args[:args.index("python")]
+            for flag in ("-t", "--threads"):
+                if flag in head:
+                    return int(head[head.index(flag) + 1])
+            return None
+    raise BenchError(f"no nbdkit python plugin under pid {proxy.proc.pid}")
+
+
 def peak_rss(pid):
     """VmHWM (peak resident set) of `pid` in MiB."""
     with open(f"/proc/{pid}/status") as f:
