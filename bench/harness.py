@@ -20,6 +20,9 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+# This checkout's package for what imports it in-process (profile_copy.py,
+# option defaults), ahead of any installed (editable) nbdmirror.
+sys.path.insert(0, REPO)
 
 from helpers import (EventLog, HarnessError, Processes,  # noqa: E402
                      make_image, nbdkit_server, nbdmirror_env, qemu_nbd, qmp_connect, qmp_execute, start_proxy,
@@ -270,6 +273,24 @@ def proxy_plugin(proxy):
             continue
         if "python" in args:
             return args[args.index("python") + 1]
+    raise BenchError(f"no nbdkit python plugin under pid {proxy.proc.pid}")
+
+
+def proxy_threads(proxy):
+    """nbdkit's worker threads per connection (its -t) under the proxy;
+    None when serve passed none (nbdkit's own default)."""
+    for pid in proxy_pids(proxy):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "python" in args:
+            head = args[:args.index("python")]
+            for flag in ("-t", "--threads"):
+                if flag in head:
+                    return int(head[head.index(flag) + 1])
+            return None
     raise BenchError(f"no nbdkit python plugin under pid {proxy.proc.pid}")
 
 

@@ -28,7 +28,7 @@ import os
 import resource
 import sys
 
-from harness import MiB, Bench, BenchError, make_random
+from harness import MiB, Bench, BenchError, make_random, proxy_pids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -49,11 +49,12 @@ def children_cpu():
 class Case:
     def __init__(self, group, name, uri, hop=None, source=None):
         self.group, self.name, self.uri = group, name, uri
-        self.hop, self.source = hop, source      # processes to account
+        # the pids to account (a process or a pid)
+        self.hop, self.source = (getattr(p, "pid", p) for p in (hop, source))
         self.rates, self.cpu = [], {"hop": [], "source": [], "nbdcopy": []}
 
     def measure(self, bench, size):
-        before = {k: cpu_seconds(p.pid) for k, p in
+        before = {k: cpu_seconds(p) for k, p in
                   (("hop", self.hop), ("source", self.source)) if p}
         c0 = children_cpu()
         t = bench.tool(["nbdcopy", self.uri, "null:"])
@@ -62,7 +63,7 @@ class Case:
         self.cpu["nbdcopy"].append((children_cpu() - c0) * per_gib)
         for k, p in (("hop", self.hop), ("source", self.source)):
             if p:
-                self.cpu[k].append((cpu_seconds(p.pid) - before[k]) * per_gib)
+                self.cpu[k].append((cpu_seconds(p) - before[k]) * per_gib)
 
 
 def main(argv=None):
@@ -93,10 +94,11 @@ def main(argv=None):
             Case("nbd", "C hop (nbdkit nbd plugin)", c_uri, c, q),
             Case("nbd", "Python hop (forward_nbd.py)", p_uri, p, q),
             Case("nbd", "Python hop, pread_initialize off", pn_uri, pn, q),
-            Case("nbd", "nbdmirror proxy", m.uri, m.proc, q),
+            # the proxy's nbdkit (`serve --foreground` is its parent)
+            Case("nbd", "nbdmirror proxy", m.uri, proxy_pids(m)[-1], q),
             Case("file", "direct (nbdkit file)", f_uri, f),
             Case("file", "Python hop (read_file.py)", pf_uri, pf),
-            Case("file", "nbdmirror proxy", mf.uri, mf.proc),
+            Case("file", "nbdmirror proxy", mf.uri, proxy_pids(mf)[-1]),
         ]
         load0 = os.getloadavg()[0]
         for _ in range(args.runs):

@@ -11,19 +11,27 @@ the sides of a row take turns, the order reversing every run (A B, B A,
 ...), and a ratio is one of medians.  The load average is printed: other
 work on the machine skews the figures.  Sections (--only picks some):
 
-  A  time to ready, random data (2 GiB), an idle guest, a fresh target per
-     run: `nbdmirror serve --target` from its start to BLOCK_JOB_READY
-     (what a user sees) and drive-mirror on a running proxy to READY,
-     against `nbdcopy --flush` and against QEMU's mirror
-     (qemu-storage-daemon 7.2, source and target as --blockdev nodes, QMP
-     blockdev-mirror sync=full to BLOCK_JOB_READY; from starting the daemon
-     and from blockdev-mirror).  Sources: the raw file, and the file behind
+  A  time to ready, random data, an idle guest, a fresh target per run:
+     `nbdmirror serve --target` from its start to BLOCK_JOB_READY (what a
+     user sees) and drive-mirror on a running proxy to READY, against
+     `nbdcopy --flush` and against QEMU's mirror (qemu-storage-daemon 7.2,
+     source and target as --blockdev nodes, QMP blockdev-mirror sync=full
+     to BLOCK_JOB_READY; from starting the daemon and from
+     blockdev-mirror).  Sources: the raw file, and the file behind
      qemu-nbd; targets: `nbdkit memory`, qemu-nbd on a fresh raw file.
+     At 2 GiB every source and target; at 8 GiB (a minute per GiB allowed
+     per copy) file -> nbdkit memory, file -> qemu-nbd file and NBD ->
+     qemu-nbd file only (NBD -> memory would add ~2 minutes and the least
+     news).  One target lives at a time (at 8 GiB: at most one 8 GiB
+     `nbdkit memory`), and the 8 GiB source file goes after its rows.
                                               aim: ratio <= 1.0
   B  guest I/O with fio's nbd engine (4 KiB random, iodepth 16, 512 MiB
      file) through the proxy against qemu-nbd serving the same file: no job
      (aim >= 0.8), a ready background job (>= 0.7), a ready write-blocking
-     job (>= 0.5); sequential reads (nbdcopy URI null:, 256 KiB requests);
+     job (>= 0.5); the proxies run serve's default nbdkit thread count (1
+     for a file source), and one row reads through `--threads 4` beside
+     the default, in the same turns (no aim: the trade-off); sequential
+     reads (nbdcopy URI null:, 256 KiB requests);
      and 4 KiB random reads while the copy of section A's file runs against
      the same reads with no job (>= 0.5), from fio's IOPS log within the
      copy's wall-clock window.
@@ -32,10 +40,12 @@ work on the machine skews the figures.  Sections (--only picks some):
      mirror (qemu-storage-daemon exporting its mirror source node over NBD
      to fio; job-complete).                     aim: <= 50 ms
   D  convergence under a saturating writer (fio 64 KiB random writes,
-     iodepth 16) per copy mode: time to ready (capped: DNC = did not
-     converge) against the same job with an idle guest, and the guest's
-     write throughput during the job against no job.
-                                  aim: write-blocking converges
+     iodepth 16) per copy mode (background, write-blocking, auto): time to
+     ready (capped at 60 s: DNC = did not converge) against the same job
+     with an idle guest, and the guest's write throughput during the job
+     against no job.  auto runs at the proxy's default auto-switch-after,
+     except with --quick (cap 5 s): 1 s there; the row says which.
+                         aim: write-blocking and auto converge
   E  scale: sparse raw sources (qemu-img create, on tmpfs: ext4 stops at
      16 TiB) of 1 TiB and 16 TiB with some data, 64 KiB granularity:
      the proxy's peak RSS (VmHWM of its nbdkit process; aim <= 200 MiB at
@@ -64,7 +74,8 @@ work on the machine skews the figures.  Sections (--only picks some):
 checkout too (PYTHONPATH=DIR), taking turns with this one, and prints
 both ("before" = DIR); the other sections are not run then.
 
-With --quick the sizes shrink (64 MiB; fio 1 s) for a smoke test.  Exit
+With --quick the sizes shrink (64 MiB, and 128 MiB for section A's
+bigger size; fio 1 s) for a smoke test.  Exit
 status: 0 when every measurement ran (aims missed or not; with --strict, 1
 when an aim is missed), 1 when one failed.
 """
@@ -86,31 +97,37 @@ from harness import (GiB, KiB, MiB, TiB, Bench, BenchError,  # noqa: E402
                      HarnessError, allocated, command, copy_prefix, end_job,
                      fio_iops, fio_max_latency_ms, fio_percentile_ms, frozen,
                      log, make_random, make_sparse, mirror_to_ready, peak_rss,
-                     proxy_pids, qemu_mirror, qemu_mirror_start,
+                     proxy_pids, proxy_threads, qemu_mirror, qemu_mirror_start,
                      qemu_mirror_to_ready, qemu_wait_ready, ready_since_start,
                      stamp, start_mirror, turns, wait_job_ready, wait_ready)
-from stats import Aim, Row, median, print_table  # noqa: E402
+from stats import (Aim, Row, fmt, fmt_ratio, median,  # noqa: E402
+                   print_table, ratio)
 
 
 @dataclass
 class Sizes:
     data: int               # random-data source (A, B reads during copy, F)
+    copy: tuple             # disk sizes of section A (the first: `data`)
     fio_file: int           # the guest's disk for fio (B, C, D)
     fio_runtime: float      # seconds per fio IOPS run (B)
     pivot_runtime: float    # seconds of fio around a pivot (C)
     cap: float              # seconds a job may take to converge (D)
+    auto_switch: float      # copy-mode auto's auto-switch-after (D; None:
+                            # the proxy's default)
     window: float           # seconds of fio with no job (B reads, D)
     scale: tuple            # ((virtual size, data), ...) (E)
     cut_disk: int           # disk of the target-cut job (F)
     timeout: float          # seconds one copy may take
 
 
-FULL = Sizes(data=2 * GiB, fio_file=512 * MiB, fio_runtime=5,
-             pivot_runtime=4, cap=60, window=3,
+FULL = Sizes(data=2 * GiB, copy=(2 * GiB, 8 * GiB), fio_file=512 * MiB,
+             fio_runtime=5, pivot_runtime=4, cap=60, auto_switch=None,
+             window=3,
              scale=((TiB, 64 * MiB), (16 * TiB, GiB)), cut_disk=GiB,
              timeout=300)
-QUICK = Sizes(data=64 * MiB, fio_file=64 * MiB, fio_runtime=1,
-              pivot_runtime=2, cap=5, window=1,
+QUICK = Sizes(data=64 * MiB, copy=(64 * MiB, 128 * MiB), fio_file=64 * MiB,
+              fio_runtime=1, pivot_runtime=2, cap=5, auto_switch=1.0,
+              window=1,
               scale=((TiB, 16 * MiB), (16 * TiB, 64 * MiB)), cut_disk=64 * MiB,
               timeout=60)
 
@@ -149,22 +166,38 @@ class Context:
         self.rows.append(r)
         return r
 
-    def random_file(self):
-        """Section A's random-data raw file (made once)."""
-        if "random" not in self._images:
-            path = self.bench.path("random.img")
-            log(f"creating {size_text(self.sizes.data)} of random data")
-            make_random(path, self.sizes.data)
-            self._images["random"] = path
-        return self._images["random"]
+    def random_file(self, size=None):
+        """A random-data raw file of `size` (default: section A's first,
+        `data`), made once; forget() removes it."""
+        size = size or self.sizes.data
+        key = ("random", size)
+        if key not in self._images:
+            path = self.bench.path(f"random-{size >> 20}M.img")
+            log(f"creating {size_text(size)} of random data")
+            make_random(path, size)
+            self._images[key] = path
+        return self._images[key]
 
-    def random_uri(self):
-        """The same file behind qemu-nbd (kept for the whole run)."""
-        if "random-nbd" not in self._images:
-            uri, proc = self.bench.qemu_nbd(self.random_file())
+    def random_uri(self, size=None):
+        """The same file behind qemu-nbd (kept until forget())."""
+        size = size or self.sizes.data
+        key = ("random-nbd", size)
+        if key not in self._images:
+            uri, proc = self.bench.qemu_nbd(self.random_file(size))
             self.bench.share(proc)
-            self._images["random-nbd"] = uri
-        return self._images["random-nbd"]
+            self._images[key] = (uri, proc)
+        return self._images[key][0]
+
+    def forget(self, size):
+        """Stop the qemu-nbd of the random file of `size` and remove it
+        (the big ones of section A: their rows are done)."""
+        served = self._images.pop(("random-nbd", size), None)
+        if served:
+            self.bench.stop(served[1])
+        path = self._images.pop(("random", size), None)
+        if path:
+            os.unlink(path)
+            log(f"removed the {size_text(size)} random-data file")
 
     def fio_file(self):
         if "fio" not in self._images:
@@ -211,11 +244,22 @@ def section(ctx, rows):
 TARGETS = {"memory": "nbdkit memory", "file": "qemu-nbd file"}
 
 
-def copy_rows(ctx, first, src_kind, tgt_kind):
-    """Four rows for one source and one target: ready from `serve` and
-    from drive-mirror, each against nbdcopy and QEMU's mirror."""
-    b, s = ctx.bench, ctx.sizes
-    where = (f"{size_text(s.data)} {src_kind} src -> "
+# (source, target) kinds of section A: every pair at its first size, these
+# at the bigger ones (the NBD source -> nbdkit memory pair adds the least:
+# an NBD source's cost shows on a file target, the memory target's with a
+# file source), each run making a disk-sized target.
+ALL_PAIRS = (("file", "memory"), ("file", "file"), ("nbd", "memory"),
+             ("nbd", "file"))
+BIG_PAIRS = (("file", "memory"), ("file", "file"), ("nbd", "file"))
+
+
+def copy_rows(ctx, first, size, src_kind, tgt_kind):
+    """Four rows for one disk size, source and target: ready from `serve`
+    and from drive-mirror, each against nbdcopy and QEMU's mirror.  One
+    target lives at a time (each run's is stopped, its file removed,
+    before the next run's starts)."""
+    b = ctx.bench
+    where = (f"{size_text(size)} {src_kind} src -> "
              f"{TARGETS[tgt_kind]}")
     k = iter(range(first, first + 4))
     aim = Aim("<=", 1.0)
@@ -233,14 +277,14 @@ def copy_rows(ctx, first, src_kind, tgt_kind):
             f"A{next(k)}", f"ready from drive-mirror, {where}", compared=True,
             base_name="QEMU job", aim=aim),
     }
-    with section(ctx, list(rows.values())):
-        source = ctx.random_file() if src_kind == "file" else \
-            ctx.random_uri()
+    with section(ctx, list(rows.values())), copy_timeout(b, size):
+        source = ctx.random_file(size) if src_kind == "file" else \
+            ctx.random_uri(size)
         proxies = {c: b.proxy(source, checkout=c) for c in ctx.checkouts()}
 
         def serve(c):
             def run():
-                with b.target(tgt_kind, s.data) as (tgt, _):
+                with b.target(tgt_kind, size) as (tgt, _):
                     t0 = time.monotonic()
                     p = b.proxy(source, target=tgt, checkout=c)
                     up = time.monotonic() - t0
@@ -251,17 +295,17 @@ def copy_rows(ctx, first, src_kind, tgt_kind):
 
         def mirror(c):
             def run():
-                with b.target(tgt_kind, s.data) as (tgt, _):
+                with b.target(tgt_kind, size) as (tgt, _):
                     out = mirror_to_ready(b, proxies[c], tgt)
                 return {series(name, c): v for name, v in out.items()}
             return run
 
         def nbdcopy():
-            with b.target(tgt_kind, s.data) as (tgt, _):
+            with b.target(tgt_kind, size) as (tgt, _):
                 return {"nbdcopy": b.nbdcopy(source, tgt)}
 
         def qemu():
-            with b.target(tgt_kind, s.data) as (tgt, _):
+            with b.target(tgt_kind, size) as (tgt, _):
                 return qemu_mirror_to_ready(b, source, tgt)
 
         sides = {}
@@ -287,16 +331,34 @@ def copy_rows(ctx, first, src_kind, tgt_kind):
 
 def time_to_ready(ctx):
     first = 1
-    for src_kind in ("file", "nbd"):
-        for tgt_kind in ("memory", "file"):
-            copy_rows(ctx, first, src_kind, tgt_kind)
-            first += 4
+    for size in ctx.sizes.copy:
+        big = size != ctx.sizes.data    # other sections use `data` only
+        try:
+            for src_kind, tgt_kind in (BIG_PAIRS if big else ALL_PAIRS):
+                copy_rows(ctx, first, size, src_kind, tgt_kind)
+                first += 4
+        finally:
+            if big:
+                ctx.forget(size)
+
+
+@contextlib.contextmanager
+def copy_timeout(bench, size):
+    """One copy of `size` may take a minute per GiB (a file target's
+    write-back at 8 GiB), at least the sizes' timeout."""
+    saved = bench.timeout
+    bench.timeout = max(saved, size / GiB * 60)
+    try:
+        yield
+    finally:
+        bench.timeout = saved
 
 
 # -- B: guest I/O -------------------------------------------------------------
 
 STATES = (("no job", None, 0.8), ("ready background", "background", 0.7),
           ("ready write-blocking", "write-blocking", 0.5))
+THREADS = "no job, --threads 4"     # serve's default for a file source: 1
 
 
 def guest_proxies(ctx, checkout):
@@ -307,6 +369,8 @@ def guest_proxies(ctx, checkout):
     for state, mode, _ in STATES:
         if mode is None:
             out[state] = b.proxy(ctx.fio_file(), checkout=checkout)
+            if checkout is None:        # beside the default thread count
+                out[THREADS] = b.proxy(ctx.fio_file(), threads=4)
         else:
             tgt, _ = b.nbdkit("memory", str(s.fio_file))
             out[state] = b.proxy(ctx.fio_file(), target=tgt,
@@ -327,9 +391,16 @@ def guest_io(ctx):
                 f"B{n}", f"guest 4K {rw[4:]} IOPS, {state}", compared=True,
                 unit="IOPS", base_name="qemu-nbd", aim=Aim(">=", aim))
             n += 1
+            if (state, rw) == ("no job", "randread"):
+                # the trade-off of serve's default thread count (file
+                # source: 1), measured in the same turns as the default
+                threads = ctx.row(f"B{n}", f"guest 4K read IOPS, {THREADS}",
+                                  unit="IOPS", base_name="qemu-nbd")
+                n += 1
     seq = ctx.row(f"B{n}", "guest seq. read 256K, no job", compared=True,
                   unit="MB/s", base_name="qemu-nbd", aim=Aim(">=", 0.8))
-    with section(ctx, [*rows.values(), seq]):
+    with section(ctx, sorted([*rows.values(), threads, seq],
+                             key=lambda r: int(r.key[1:]))):
         direct, _ = b.qemu_nbd(ctx.fio_file())
         proxies = {c: guest_proxies(ctx, c) for c in ctx.checkouts()}
 
@@ -340,10 +411,19 @@ def guest_io(ctx):
         for (state, rw), row in rows.items():
             sides = {series("ours", c): fio_side(proxies[c][state].uri, rw)
                      for c in ctx.checkouts()}
+            if row is rows[("no job", "randread")]:
+                sides["threads"] = fio_side(proxies[None][THREADS].uri, rw)
             sides["direct"] = fio_side(direct, rw)
             data = turns(b.runs, {k: (lambda k=k, f=f: {k: f()})
                                   for k, f in sides.items()})
             fill(row, data, "ours", "direct")
+            if "threads" in sides:
+                fill(threads, data, "threads", "direct")
+                threads.note(
+                    f"against the default thread count ({row.key}: nbdkit "
+                    f"-t {proxy_threads(proxies[None][state])}; here -t "
+                    f"{proxy_threads(proxies[None][THREADS])}): "
+                    f"{fmt_ratio(ratio(threads.ours, row.ours))}")
 
         def seq_read(uri):
             return lambda: s.fio_file / 1e6 / b.tool(["nbdcopy", uri, "null:"])
@@ -359,7 +439,7 @@ def reads_during_copy(ctx):
     """4K random reads while the copy runs against the same with no job:
     fio runs on, its IOPS log read within the copy's window."""
     b, s = ctx.bench, ctx.sizes
-    row = ctx.row("B8", f"guest 4K read IOPS during the copy "
+    row = ctx.row("B9", f"guest 4K read IOPS during the copy "
                         f"({size_text(s.data)} file -> nbdkit memory)",
                   compared=True, unit="IOPS", base_name="no job",
                   aim=Aim(">=", 0.5))
@@ -473,19 +553,28 @@ def pivot(ctx):
 
 def convergence(ctx):
     b, s = ctx.bench, ctx.sizes
-    modes = ("background", "write-blocking")
+    modes = ("background", "write-blocking", "auto")
+    # copy-mode auto at the proxy's default auto-switch-after, except where
+    # the cap leaves too little time to switch and converge (--quick)
+    switch = s.auto_switch
+    auto_args = {} if switch is None else {"auto-switch-after": switch}
+    labels = {m: m for m in modes}
+    labels["auto"] = (f"auto (auto-switch-after {switch:g} s)" if switch
+                      else f"auto (auto-switch-after {default_switch()})")
     rows = {}
     n = 1
     for mode in modes:
         rows[("time", mode)] = ctx.row(
-            f"D{n}", f"ready under a 64K random writer, {mode}",
+            f"D{n}", f"ready under a 64K random writer, {labels[mode]}",
             base_name="idle guest",
             aim=Aim("<=", s.cap, of="value") if mode != "background"
             else None)
         rows[("mbps", mode)] = ctx.row(
-            f"D{n + 1}", f"guest 64K write MB/s during the job, {mode}",
+            f"D{n + 1}", f"guest 64K write MB/s during the job, "
+                         f"{labels[mode]}",
             unit="MB/s", base_name="no job")
         n += 2
+    switched = []           # copy-mode auto: seconds to its switch
     with section(ctx, list(rows.values())):
         proxy = b.proxy(ctx.fio_file())
 
@@ -495,14 +584,20 @@ def convergence(ctx):
 
         def under_writer(mode):
             def run():
+                args = {"copy-mode": mode,
+                        **(auto_args if mode == "auto" else {})}
                 with b.target("memory", s.fio_file) as (tgt, _):
                     fio = writer(s.cap + 30)
                     time.sleep(LEAD)
                     t0 = time.time()
-                    start_mirror(proxy, tgt, **{"copy-mode": mode})
+                    start_mirror(proxy, tgt, **args)
                     took, t1 = ready_or_cap(b, proxy, t0, s.cap)
                     fio.stop()
                     end_job(proxy, force=math.isinf(took))
+                if mode == "auto":
+                    changed = proxy.events.named("JOB_COPY_MODE_CHANGED")
+                    switched.append(stamp(changed[0]) - t0 if changed
+                                    else math.inf)
                 mbps = window_iops(fio, t0, t1, 1) * 64 * KiB / 1e6
                 return {("time", mode): took, ("mbps", mode): mbps}
             return run
@@ -531,6 +626,18 @@ def convergence(ctx):
                 rows[("time", mode)].note(
                     f"DNC: not ready within {s.cap:g} s (the job was then "
                     f"force-cancelled)")
+        when = [fmt(x, "s") if x < math.inf else "no switch"
+                for x in switched]
+        rows[("time", "auto")].note(
+            f"switched to write-blocking (JOB_COPY_MODE_CHANGED) after "
+            f"[{', '.join(when)}]")
+
+
+def default_switch():
+    """copy-mode auto's default auto-switch-after, as `serve --help`
+    shows it (this checkout's)."""
+    from nbdmirror.options import OPTIONS
+    return f"{OPTIONS['auto-switch-after'].default:g} s, the default"
 
 
 def ready_or_cap(bench, proxy, t0, cap):
@@ -789,15 +896,28 @@ COMPARED = "AB"         # the sections --compare runs for both checkouts
 
 
 def need_space(sizes, sections):
-    """(bytes in /tmp, bytes in /dev/shm) the run needs at most."""
+    """(bytes in /tmp, bytes in /dev/shm, bytes of memory) the run needs
+    at most."""
     tmp = sizes.data + sizes.fio_file + 512 * MiB
+    mem = 0
     if "A" in sections:
-        tmp += sizes.data                       # a target file
+        # a bigger random file beside `data`, and a target file of its size
+        big = max(sizes.copy)
+        tmp += big + (big if big != sizes.data else 0)
+        mem = big + 512 * MiB                   # an `nbdkit memory` target
     if "F" in sections or "G" in sections:
         tmp += 2 * sizes.cut_disk
     shm = 2 * max(d for _, d in sizes.scale) + 256 * MiB \
         if "E" in sections else 0
-    return tmp, shm
+    return tmp, shm, mem
+
+
+def mem_available():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * KiB
+    return math.inf
 
 
 def main(argv=None):
@@ -829,9 +949,10 @@ def main(argv=None):
             ap.error(f"--compare: {other} is not an nbdmirror checkout")
         chosen = [x for x in chosen if x in COMPARED]
 
-    tmp, shm = need_space(sizes, chosen)
-    for where, need in (("/tmp", tmp), ("/dev/shm", shm)):
-        free = shutil.disk_usage(where).free
+    tmp, shm, mem = need_space(sizes, chosen)
+    for where, need in (("/tmp", tmp), ("/dev/shm", shm), ("memory", mem)):
+        free = mem_available() if where == "memory" else \
+            shutil.disk_usage(where).free
         if need and free < need:
             print(f"bench: need {need / GiB:.1f} GiB free in {where}, "
                   f"have {free / GiB:.1f} GiB", file=sys.stderr)

@@ -12,8 +12,10 @@ import pytest
 from helpers import REPO
 
 BENCH = os.path.join(REPO, "bench", "run.py")
-ROWS = ([f"A{i}" for i in range(1, 17)] + [f"B{i}" for i in range(1, 9)]
-        + ["C1"] + [f"D{i}" for i in range(1, 5)]
+# A: 4 pairs at the first size, 3 at the bigger one; B2: --threads 4;
+# D5/D6: copy-mode auto
+ROWS = ([f"A{i}" for i in range(1, 29)] + [f"B{i}" for i in range(1, 10)]
+        + ["C1"] + [f"D{i}" for i in range(1, 7)]
         + [f"E{i}" for i in range(1, 9)] + ["F1", "F2"]
         + ["G1", "G2", "G3"])
 NO_BASELINE = ("E1", "E5", "F2", "G3")  # peak RSS, re-copied shares
