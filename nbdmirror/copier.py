@@ -49,7 +49,11 @@ from .ratelimit import RateLimit
 from .targetzero import TargetZeroMap
 from .unflushed import UnflushedMap
 
-REQUEST_SIZE = 1 << 20      # data pieces and coalesced data ops, at most
+# Data pieces and coalesced data ops, at most.  nbdcopy's default too: a
+# qemu-nbd target on a file takes 2 GiB in 256 KiB writes 1.2-1.4x faster
+# than in 1 MiB writes (as many bytes in flight), and `nbdkit memory` the
+# same within noise (2026-11-29, interleaved runs).
+REQUEST_SIZE = 256 << 10
 ZERO_REQUEST = 1 << 30      # a zero request, at most
 MAX_REQUESTS = 64           # requests in flight, at most
 ABANDON_GRACE = 1.0         # seconds abandon() waits for killed requests

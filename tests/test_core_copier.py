@@ -25,6 +25,13 @@ M = 1 << 20
 G = 64 * K                      # granularity in most tests
 ZH = HOLE | ZERO
 
+
+@pytest.fixture(autouse=True)
+def one_mib_requests(monkeypatch):
+    """These tests reason in 1 MiB requests (pieces and coalesced ops)."""
+    monkeypatch.setattr(copier_mod, "REQUEST_SIZE", M)
+
+
 pytestmark = pytest.mark.timeout(30)
 
 

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from fakes import FakeEndpoint, JobRig, Scheduler, noise, poll
+from nbdmirror import copier as copier_mod
 from nbdmirror.guest import GuestIO
 
 K = 1 << 10
@@ -21,6 +22,12 @@ M = 1 << 20
 G = 64 * K
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+def one_mib_requests(monkeypatch):
+    """These tests reason in 1 MiB requests (pieces and coalesced ops)."""
+    monkeypatch.setattr(copier_mod, "REQUEST_SIZE", 1 << 20)
 
 
 class Mirror:
