@@ -7,7 +7,7 @@ is mocked.  What it adds:
     client leaves, so it is never probed with a connection), with -t, with
     -t -e 2; nbdkit with the limit, nozero and fua filters (always behind
     the log filter, which records every connection); qemu-storage-daemon
-    exporting a raw file; nbdkit with tests/plugins/flush_fault.py (a file
+    exporting a raw file; nbdkit with tests/plugins/file_target.py (a file
     whose flush hangs or fails while a trigger file exists).
   * Connection counts as the server sees them: its sockets in
     /proc/net/unix (accepted, or queued for accept), sampled in a thread,
@@ -42,7 +42,7 @@ from helpers import HarnessError, nbd_unix_uri, qmp_execute, wait_for_socket
 
 MiB = 1 << 20
 PLUGINS = pathlib.Path(__file__).parent / "plugins"
-FLUSH_FAULT = PLUGINS / "flush_fault.py"
+FILE_TARGET = PLUGINS / "file_target.py"
 
 # Bounds on connecting to and on each request to the target (serve options).
 # Small, so that a stall is noticed well inside a test's time limits.
@@ -309,11 +309,11 @@ def flush_fault_target(procs, image, sock, trigger, mode, marker=None,
     if marker is not None:
         extra.append(f"marker={marker}")
     return nbdkit_target(procs, image, sock, *extra, *args, filters=filters,
-                         plugin=FLUSH_FAULT, kind=f"flush-{mode}")
+                         plugin=FILE_TARGET, kind=f"flush-{mode}")
 
 
 def marked_flushes(marker):
-    """How many faulty flushes the flush_fault plugin recorded."""
+    """How many faulty flushes the file_target plugin recorded."""
     try:
         return len(pathlib.Path(marker).read_text().splitlines())
     except FileNotFoundError:

@@ -48,8 +48,8 @@ SPOT, SPOT_MOVES = 256 * K, 0.002
 # Small regions that cool fast (activitylog.py's knob): in a short run,
 # regions are cleared and marked again many times.
 ACTIVITY_LOG = "region=256K,hot=4,cool=0.2,interval=0.05,checkpoint=512K"
-SLOW_FLUSH = os.path.join(os.path.dirname(__file__), "plugins",
-                          "slow_flush.py")
+FILE_TARGET = os.path.join(os.path.dirname(__file__), "plugins",
+                           "file_target.py")
 FLUSH_DELAY_MS = 40
 
 
@@ -193,8 +193,8 @@ class Crash:
             # Each target flush takes FLUSH_DELAY: a pivot (two flushes
             # and a durable "pivoting") lasts long enough to be hit.
             self.target = nbdkit_server(
-                procs, workdir / "tgt.sock", "python", SLOW_FLUSH,
-                f"file={self.tgt_img}", f"delay-ms={FLUSH_DELAY_MS}")
+                procs, workdir / "tgt.sock", "python", FILE_TARGET,
+                f"file={self.tgt_img}", f"flush-delay-ms={FLUSH_DELAY_MS}")
         else:
             self.target = qemu_nbd(procs, self.tgt_img, workdir / "tgt.sock",
                                    extra=["--discard=unmap"])

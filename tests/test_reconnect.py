@@ -4,7 +4,7 @@ again what was dirty or in flight, and what the target had not flushed
 
 The target is killed (SIGKILL) and started again on the same socket and
 file.  A qemu-nbd on a raw file keeps what it acknowledged (the page cache
-outlives the process); tests/plugins/volatile_cache.py loses every write
+outlives the process); tests/plugins/file_target.py with volatile=1 loses every write
 since its last flush, as NBD allows a server to.
 """
 
@@ -51,8 +51,8 @@ class Rig:
             return qemu_nbd(self.procs, self.tgt_img, self.tgt_sock)
         self.server = "nbdkit"
         return nbdkit_server(self.procs, self.tgt_sock, "python",
-                             str(PLUGINS / "volatile_cache.py"),
-                             f"file={self.tgt_img}")
+                             str(PLUGINS / "file_target.py"),
+                             f"file={self.tgt_img}", "volatile=1")
 
     def job(self):
         jobs = ok(qmp_execute(self.log.client, "query-block-jobs"))

@@ -1,7 +1,7 @@
 """A target that stalls or fails, in every phase of a job.
 
 Stalls are real: SIGSTOP on the server process, or a flush that hangs
-(tests/plugins/flush_fault.py).  What must hold whatever the target does:
+(tests/plugins/file_target.py).  What must hold whatever the target does:
 the guest is answered (its requests are never held without a bound), a
 force cancel ends the job within 5 s and the job never pivots after it,
 connecting has a bound and a slow drive-mirror does not block other QMP
