@@ -262,9 +262,9 @@ def proxy_pids(proxy):
     return pids
 
 
-def proxy_plugin(proxy):
-    """The plugin file that the proxy's nbdkit runs (from its command
-    line: nbdkit ... python PLUGIN key=value ...)."""
+def _nbdkit_args(proxy):
+    """The proxy's nbdkit command line, split at `python`: (nbdkit's own
+    arguments, [PLUGIN, key=value, ...])."""
     for pid in proxy_pids(proxy):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -272,26 +272,24 @@ def proxy_plugin(proxy):
         except OSError:
             continue
         if "python" in args:
-            return args[args.index("python") + 1]
+            i = args.index("python")
+            return args[:i], args[i + 1:]
     raise BenchError(f"no nbdkit python plugin under pid {proxy.proc.pid}")
+
+
+def proxy_plugin(proxy):
+    """The plugin file that the proxy's nbdkit runs."""
+    return _nbdkit_args(proxy)[1][0]
 
 
 def proxy_threads(proxy):
     """nbdkit's worker threads per connection (its -t) under the proxy;
     None when serve passed none (nbdkit's own default)."""
-    for pid in proxy_pids(proxy):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "python" in args:
-            head = args[:args.index("python")]
-            for flag in ("-t", "--threads"):
-                if flag in head:
-                    return int(head[head.index(flag) + 1])
-            return None
-    raise BenchError(f"no nbdkit python plugin under pid {proxy.proc.pid}")
+    head = _nbdkit_args(proxy)[0]
+    for flag in ("-t", "--threads"):
+        if flag in head:
+            return int(head[head.index(flag) + 1])
+    return None
 
 
 def peak_rss(pid):
