@@ -3,7 +3,8 @@
 # `make setup` installs what a fresh Debian 12 machine lacks (apt, only when a
 # package is missing), then a venv that sees the system site-packages (the
 # Debian-built `nbd` module works only with /usr/bin/python3) with this
-# package and its test extra.  Repeated runs do nothing.
+# package and its test extra, and byte-compiles the package.  Repeated runs
+# do nothing (but compile what changed).
 
 SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
@@ -18,9 +19,9 @@ DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
 	python3-pytest python3-pytest-timeout qemu-system-x86 qemu-system-common \
 	gnutls-bin fio
 
-.PHONY: setup debs test test-all demo bench clean
+.PHONY: setup debs pyc test test-all demo bench clean
 
-setup: debs $(STAMP)
+setup: debs $(STAMP) pyc
 
 # Installs only the missing packages; prints nothing when all are there.
 debs:
@@ -42,6 +43,16 @@ $(PY): | debs
 $(STAMP): pyproject.toml | $(PY)
 	PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# The .pyc files of the package, which an editable install does not make.
+# Without them every `nbdmirror serve` compiles what it loads twice, in the
+# CLI (about 15 ms) and in nbdkit's embedded interpreter (about 35 ms), when
+# PYTHONDONTWRITEBYTECODE is set or the checkout is read-only, and the
+# first run after a change does anywhere.  Python still checks each .pyc
+# against its source's mtime and size, so an edited file is never run
+# stale; this recompiles only what changed.
+pyc: | $(PY)
+	$(PY) -m compileall -q --invalidation-mode timestamp nbdmirror
 
 test: setup
 	$(PYTEST) $(ARGS)

@@ -16,8 +16,7 @@ import textwrap
 import threading
 import time
 
-from . import endpoints, paths, tls
-from .job import JobError
+from . import paths, tls
 from .options import (JOB, NBDKIT, OPTIONS, PROXY, OptionError, ProxyOptions,
                       make_job_options, qmp_arguments, rows)
 from .sizes import format_size
@@ -27,6 +26,10 @@ from .sizes import format_size
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "nbdkit_plugin.py")
 START_TIMEOUT = 30.0
+# Seconds between looks at a starting nbdkit.  A daemon's control socket
+# opens a few ms after nbdkit's parent exits, and `serve` returns at the
+# next look.
+START_POLL = 0.005
 # What the plugin prints before a refusal (nbdkit_plugin._say).
 PLUGIN_SAYS = "nbdmirror: "
 
@@ -123,11 +126,28 @@ def main(argv=None):
     except (Usage, OptionError) as e:
         print(f"nbdmirror: {e}", file=sys.stderr)
         return 2
-    except (Failure, JobError, endpoints.EndpointError, OSError) as e:
+    except Exception as e:          # noqa: BLE001 - those of _failures()
+        if not isinstance(e, _failures()):
+            raise
         print(f"nbdmirror: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _failures():
+    """What exits 1: Failure, OSError, and the errors of the endpoints and
+    of the job once their modules are loaded.  Those are imported where
+    they are needed, not at start-up, which every command pays (the job
+    machinery, and endpoints' ctypes look-up runs `ldconfig -p`); none of
+    their errors can be raised before."""
+    package = __name__.rpartition(".")[0]
+    types = [Failure, OSError]
+    for module, name in (("endpoints", "EndpointError"), ("job", "JobError")):
+        loaded = sys.modules.get(f"{package}.{module}")
+        if loaded is not None:
+            types.append(getattr(loaded, name))
+    return tuple(types)
 
 
 def _given(args, option_rows):
@@ -170,6 +190,7 @@ def serve(args):
             paths.remove_stale_socket(path)
 
     if server.get("threads") is None:
+        from . import endpoints
         server["threads"] = endpoints.endpoint_kind(opts.source).guest_threads
     cmd = ["nbdkit"]
     for row in rows(NBDKIT):
@@ -238,7 +259,7 @@ def _start_daemon(cmd, alive, serving):
                           f"after {START_TIMEOUT:.0f} s")
         if not alive():
             raise Failure("nbdkit exited during start-up")
-        time.sleep(0.02)
+        time.sleep(START_POLL)
 
 
 def _pid_in(pidfile):
@@ -309,7 +330,7 @@ def _run_foreground(cmd, serving):
     deadline = time.monotonic() + START_TIMEOUT
     while proc.poll() is None and not ended_by and \
             time.monotonic() < deadline and not serving():
-        time.sleep(0.02)
+        time.sleep(START_POLL)
     serving = proc.poll() is None
     if serving or ended_by:
         relay.release()
@@ -507,6 +528,7 @@ def set_speed(args):
 # -- verify --------------------------------------------------------------------------
 
 def verify(args):
+    from . import endpoints
     a = endpoints.open_endpoint(_spec(args.a), readonly=True)
     try:
         b = endpoints.open_endpoint(_spec(args.b), readonly=True)
