@@ -309,14 +309,29 @@ def socket_of(uri):
 
 # -- the sides taking turns --------------------------------------------------
 
+PREFAULT = 512 * MiB
+
+
+def prefault(size=PREFAULT):
+    """Touch `size` bytes of fresh memory, then free them.  This VM hands
+    memory that stayed free for ~10 s back to its host (free page
+    reporting), and touching it again runs at a third of the speed: the
+    first side of a run after a pause (a section's first, always the same)
+    paid 0.3-0.5 s per GiB that the others did not."""
+    buf = bytearray(size)
+    buf[::4096] = b"\1" * len(range(0, size, 4096))
+    del buf
+
+
 def turns(runs, sides):
     """Run each side `runs` times, the order reversing every run (A B, B A,
     ...: a cold cache or a burst of load does not always hit the same
-    side).  sides: {name: fn() -> {series: sample}}.  Returns
-    {series: [samples]}."""
+    side), memory touched before each run (prefault).  sides: {name: fn()
+    -> {series: sample}}.  Returns {series: [samples]}."""
     out = defaultdict(list)
     names = list(sides)
     for i in range(runs):
+        prefault()
         for name in (names if i % 2 == 0 else names[::-1]):
             for series, value in sides[name]().items():
                 out[series].append(value)

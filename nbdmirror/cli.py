@@ -17,6 +17,9 @@ import threading
 import time
 
 from . import paths, tls
+# Not endpoints or job themselves: every command would pay their imports
+# (the job machinery; endpoints' ctypes look-up runs `ldconfig -p`).
+from .errors import EndpointError, JobError
 from .options import (JOB, NBDKIT, OPTIONS, PROXY, OptionError, ProxyOptions,
                       make_job_options, qmp_arguments, rows)
 from .sizes import format_size
@@ -126,28 +129,11 @@ def main(argv=None):
     except (Usage, OptionError) as e:
         print(f"nbdmirror: {e}", file=sys.stderr)
         return 2
-    except Exception as e:          # noqa: BLE001 - those of _failures()
-        if not isinstance(e, _failures()):
-            raise
+    except (Failure, JobError, EndpointError, OSError) as e:
         print(f"nbdmirror: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _failures():
-    """What exits 1: Failure, OSError, and the errors of the endpoints and
-    of the job once their modules are loaded.  Those are imported where
-    they are needed, not at start-up, which every command pays (the job
-    machinery, and endpoints' ctypes look-up runs `ldconfig -p`); none of
-    their errors can be raised before."""
-    package = __name__.rpartition(".")[0]
-    types = [Failure, OSError]
-    for module, name in (("endpoints", "EndpointError"), ("job", "JobError")):
-        loaded = sys.modules.get(f"{package}.{module}")
-        if loaded is not None:
-            types.append(getattr(loaded, name))
-    return tuple(types)
 
 
 def _given(args, option_rows):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import nbd
 
+from .errors import EndpointError  # noqa: F401 - raised here, named by callers
 from .nbdconn import ConnectError, NbdConnection, errno_of  # noqa: F401
 from .options import is_nbd_uri
 
@@ -42,10 +43,6 @@ BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
 MAX_STATUS = 1 << 30            # block status window per request
 ZEROES = bytes(1 << 20)         # source of zero writes
-
-
-class EndpointError(Exception):
-    """An endpoint cannot be opened or used; str() is a one-line reason."""
 
 
 @dataclass(frozen=True)

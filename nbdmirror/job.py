@@ -54,7 +54,7 @@ from .activitylog import NO_LOG
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
-from .endpoints import EndpointError
+from .errors import EndpointError, JobError
 from .jobstate import Action, JobState, Status
 
 S = Status
@@ -75,10 +75,6 @@ RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0   # between reconnect attempts
 # ETIMEDOUT after a timeout dropped it).
 LOST = {errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EPIPE,
         errno.ESHUTDOWN}
-
-
-class JobError(Exception):
-    """A refused request; str() is the one-line reason."""
 
 
 class Job:
