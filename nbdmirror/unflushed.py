@@ -43,7 +43,6 @@ class UnflushedMap:
         self._regions = (bitmap.size + (1 << self._shift) - 1) >> self._shift
         self._lock = threading.Lock()
         self._current = self._empty()
-        self._bytes = 0                 # written into _current (with overlaps)
         self.oldest = None              # monotonic time of _current's first
         self._pending = {}              # generation -> bitarray, oldest first
         self._generations = itertools.count(1)
@@ -61,15 +60,8 @@ class UnflushedMap:
         r1 = (offset + length - 1 >> self._shift) + 1
         with self._lock:
             self._current[r0:r1] = 1
-            self._bytes += length
             if self.oldest is None:
                 self.oldest = time.monotonic()
-
-    @property
-    def unflushed_bytes(self):
-        """Bytes written since the last flush started (overlaps counted
-        twice): how much a flush now would cover."""
-        return self._bytes
 
     def flush_started(self):
         """A flush is about to be sent: returns its generation."""
@@ -77,7 +69,7 @@ class UnflushedMap:
             gen = next(self._generations)
             self._pending[gen] = self._current
             self._current = self._empty()
-            self._bytes, self.oldest = 0, None
+            self.oldest = None
             return gen
 
     def flush_done(self, gen, ok):
@@ -94,7 +86,7 @@ class UnflushedMap:
             for pending in self._pending.values():
                 bits |= pending
             self._current, self._pending = self._empty(), {}
-            self._bytes, self.oldest = 0, None
+            self.oldest = None
         ratio = self._shift - self._chunk_shift
         runs, pos = [], 0
         while True:
