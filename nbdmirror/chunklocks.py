@@ -17,12 +17,12 @@ Invariants:
     release() wakes every waiter.
   * The copier does not wait here, so it must be woken when what it passed
     over is released: `_passed_over` is set, under the lock, whenever
-    try_take() or is_held() finds a held chunk, and release() returns it
-    (and clears it).  A write-through wakes the copier only then: not on
-    every guest write.  Set and returned under one lock, no wake is lost; a
-    release by the copier itself may clear it, as the copier looks again
-    before it waits.  When the job ends, abandon() frees the waiters for good: with
-    no job there is nothing left to keep in step.
+    try_take() or is_held() finds a held chunk, and a write-through's
+    release_write() returns it (and clears it).  A write-through wakes the
+    copier only then: not on every guest write.  Set, returned and cleared
+    under one lock, no wake is lost; the copier's own release() leaves it.
+  * When the job ends, abandon() frees the waiters for good: with no job
+    there is nothing left to keep in step.
 """
 
 import threading
@@ -66,8 +66,14 @@ class ChunkLocks:
             self._cond.notify_all()
 
     def release(self, c0, c1):
-        """Free [c0, c1); True if the copier passed over a held chunk
-        since the last release (it may be waiting for this one)."""
+        """The copier frees an op's chunks."""
+        with self._cond:
+            self._held[c0:c1] = 0
+            self._cond.notify_all()
+
+    def release_write(self, c0, c1):
+        """A write-through frees its chunks: True if the copier passed over
+        a held chunk since the last such release (it may wait for these)."""
         with self._cond:
             self._held[c0:c1] = 0
             self._cond.notify_all()

@@ -283,7 +283,7 @@ class Job:
             # Wake the copier only if it passed over held chunks (these
             # may be among them): a wake per guest write costs the job
             # thread a loop, and a guest write the GIL, for nothing.
-            if self.locks.release(c0, c1):
+            if self.locks.release_write(c0, c1):
                 self.copier.wake()
 
     # -- the job thread ----------------------------------------------------

@@ -106,3 +106,17 @@ def test_a_chunk_has_one_owner_under_threads():
         assert not t.is_alive()
     assert clashes == []
     assert held(locks, 32) == []
+
+
+def test_a_write_through_learns_whether_the_copier_passed_over_held_chunks():
+    locks = ChunkLocks(16)
+    assert locks.take(4, 6)                      # a write-through holds 4-5
+    assert locks.release_write(4, 6) is False    # nobody looked: no wake
+    assert locks.take(4, 6)
+    assert locks.try_take(2, 8) == 4             # the copier stops at 4...
+    locks.release(2, 4)                          # ...its own release keeps it
+    assert locks.release_write(4, 6) is True     # so this one wakes it
+    assert locks.release_write(6, 6) is False    # once
+    assert locks.take(9, 10)
+    assert locks.is_held(9)                      # looked at, held
+    assert locks.release_write(9, 10) is True
