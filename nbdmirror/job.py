@@ -63,7 +63,7 @@ IDLE_WAKEUP = 1.0       # the job thread looks around at least this often
 # Flush the target this long after its oldest unflushed write: a lost
 # connection then costs at most about this much copying again.  (A flush
 # per 1 GiB or 256 MiB written made 4 GiB onto a qemu-nbd file target
-# 20-45 % slower; one per 10 s costs a long copy a few %.)
+# 20-45 % slower; one per 10 s is one flush in a 16 s copy of 8 GiB.)
 FLUSH_AGE = 10.0
 PIVOT_HOLD_LIMIT = 5.0  # seconds guest I/O may be held for a pivot
 HOLD_AIM = 0.5          # hold when the backlog takes about this long to copy

@@ -13,10 +13,12 @@ bitmap), to keep this map small on huge disks: re-copying a whole region
 after a loss costs little, and only then.
 
 Invariants (`_lock` guards every field):
-  * A target write that completed (a copy op, a zero op, a write-through) is
-    recorded in `_current` before anyone may start a flush that should
-    cover it: wrote() runs in the completion path, before the op's chunks
-    are released.
+  * A target write (a copy, a zero, a write-through) is recorded once it
+    completed, before its chunks are released: in the copier's reap, or
+    when the write-through's request returns.  So a generation is dropped
+    only by a flush sent after each of its writes completed.  A write that
+    completed before a flush was sent but is recorded after it stays for a
+    later flush: the lag errs on the safe side only.
   * flush_started() moves `_current` into the generation it returns, and a
     fresh `_current` takes later writes.  flush_done(gen, ok) drops that
     generation and every older one when ok (a flush covers every write
