@@ -557,3 +557,36 @@ def test_serve_does_not_open_a_single_client_nbd_source_itself(workdir,
     proxy = start_proxy(procs, nbd_unix_uri(sock), workdir / "g.sock",
                         workdir / "c.sock")
     assert nbd_read_all(proxy.uri) == random_bytes(4, 1 * M)
+
+
+# -- nbdkit threads ----------------------------------------------------------
+
+def _nbdkit_threads(proxy):
+    """The -t that serve gave its nbdkit (a child of the proxy process)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().decode().split("\0")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if ppid == proxy.proc.pid and os.path.basename(args[0]) == "nbdkit":
+            return int(args[args.index("-t") + 1])
+    raise AssertionError("no nbdkit under the proxy")
+
+
+@pytest.mark.parametrize("kind,given,expected", [
+    ("file", None, 1), ("nbd", None, 4), ("file", 3, 3)])
+def test_serve_picks_nbdkit_threads_by_the_source_kind(
+        kind, given, expected, workdir, procs):
+    img = make_image(workdir / "src.img", 1 << 20, seed=3)
+    source = img if kind == "file" else \
+        qemu_nbd(procs, img, workdir / "src.sock")
+    opts = {} if given is None else {"threads": given}
+    proxy = start_proxy(procs, source, workdir / "g.sock",
+                        workdir / "qmp.sock", **opts)
+    assert _nbdkit_threads(proxy) == expected
