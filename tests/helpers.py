@@ -53,9 +53,8 @@ def nbd_unix_uri(sock):
 
 # -- processes -------------------------------------------------------------------
 
-def _group_members(pgid):
-    """Pids of the live (non-zombie) processes in process group `pgid`."""
-    pids = []
+def _live_processes():
+    """(pid, [state, ppid, pgrp, ...]) of every live (non-zombie) process."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -66,9 +65,26 @@ def _group_members(pgid):
             continue
         # "pid (comm) state ppid pgrp ..."; comm may contain spaces and ')'.
         fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(name))
-    return pids
+        if fields[0] != "Z":
+            yield int(name), fields
+
+
+def _group_members(pgid):
+    """Pids of the live processes in process group `pgid`."""
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
+
+
+def child_commands(ppid):
+    """The command lines (argv lists) of the live children of `ppid`."""
+    out = []
+    for pid, fields in _live_processes():
+        if int(fields[1]) == ppid:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out.append(f.read().decode().split("\0"))
+            except OSError:
+                continue
+    return out
 
 
 def _log_tail(path, limit=4000):

@@ -20,10 +20,10 @@ import time
 
 import pytest
 
-from helpers import (REPO, make_image, nbd_read_all, nbd_unix_uri,
-                     nbdkit_server, nbdmirror, nbdmirror_env, qemu_io,
-                     qemu_nbd, qmp_connect, qmp_execute, random_bytes,
-                     sha256_file, sha256_uri, start_proxy)
+from helpers import (REPO, child_commands, make_image, nbd_read_all,
+                     nbd_unix_uri, nbdkit_server, nbdmirror, nbdmirror_env,
+                     qemu_io, qemu_nbd, qmp_connect, qmp_execute,
+                     random_bytes, sha256_file, sha256_uri, start_proxy)
 
 K, M = 1 << 10, 1 << 20
 JOB = "mirror0"
@@ -563,18 +563,8 @@ def test_serve_does_not_open_a_single_client_nbd_source_itself(workdir,
 
 def _nbdkit_threads(proxy):
     """The -t that serve gave its nbdkit (a child of the proxy process)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                args = f.read().decode().split("\0")
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == proxy.proc.pid and os.path.basename(args[0]) == "nbdkit":
+    for args in child_commands(proxy.proc.pid):
+        if os.path.basename(args[0]) == "nbdkit":
             return int(args[args.index("-t") + 1])
     raise AssertionError("no nbdkit under the proxy")
 

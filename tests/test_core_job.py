@@ -136,6 +136,17 @@ def ready_rig(rigs, **kw):
     return rig
 
 
+def completing_flush(rig, which):
+    """complete(), and the flush `which` of the two it sends (held): the
+    one with the guest running, or the final one, with the guest held."""
+    rig.job.complete()
+    flush = rig.flush()
+    if which == "final":
+        rig.sched.complete(flush)
+        flush = rig.flush()
+    return flush
+
+
 def test_complete_pivots_only_after_the_final_flush_succeeded(rigs):
     rig = ready_rig(rigs)
     rig.guest.pwrite(b"\x03" * 5000, 123456)     # left to copy at the end
@@ -162,11 +173,7 @@ def test_complete_pivots_only_after_the_final_flush_succeeded(rigs):
 @pytest.mark.parametrize("which", ["first", "final"])
 def test_a_failed_flush_while_completing_means_no_pivot(rigs, which):
     rig = ready_rig(rigs)
-    rig.job.complete()
-    flush = rig.flush()
-    if which == "final":
-        rig.sched.complete(flush)
-        flush = rig.flush()
+    flush = completing_flush(rig, which)
     rig.sched.complete(flush, errno.EIO)
     done = rig.wait_event("BLOCK_JOB_COMPLETED")
     rig.ended()
@@ -181,11 +188,7 @@ def test_a_force_cancel_accepted_before_the_switch_means_no_pivot(rigs, which):
     """The cancel is accepted just before a flush answers (with success):
     the job must look at it before it switches."""
     rig = ready_rig(rigs)
-    rig.job.complete()
-    flush = rig.flush()
-    if which == "final":
-        rig.sched.complete(flush)
-        flush = rig.flush()
+    flush = completing_flush(rig, which)
     rig.sched.complete(flush, 0,
                        before_done=lambda: rig.job.cancel(force=True))
     rig.wait_event("BLOCK_JOB_CANCELLED")
