@@ -453,18 +453,8 @@ def test_a_block_status_error_in_the_scan_goes_through_on_source_error(
 class QuitRig(test_quit.Rig):
     """test_quit's rig, its job with a persistent bitmap (drive-mirror)."""
 
-    def start_job(self):
-        args = {"job-id": JOB, "bitmap": str(self.bitmap)}
-        if self.phase == "write-blocking-ready":
-            args["copy-mode"] = "write-blocking"
-        if self.phase == "target-stopped":
-            args["speed"] = 1 * M
-        ok(qmp_execute(self.client, "drive-mirror", device="disk0",
-                       target=self.target.uri, sync="full", **args))
-        if self.phase.endswith("ready"):
-            self.log.wait("BLOCK_JOB_READY")
-        else:
-            self.log.wait("JOB_STATUS_CHANGE", "running")
+    def job_args(self):
+        return {**super().job_args(), "bitmap": str(self.bitmap)}
 
 
 @pytest.mark.parametrize("phase", [p for p in test_quit.PHASES

@@ -53,11 +53,15 @@ class Rig:
         self.client = qmp(self.proxy.control)
         self.log = EventLog(self.client)
 
+    def job_args(self):
+        """drive-mirror's arguments beyond the phase's own."""
+        return {"job-id": JOB}
+
     def start_job(self):
         """Bring the job to the rig's phase."""
         if self.phase == "no-job":
             return
-        args = {"job-id": JOB}
+        args = self.job_args()
         if self.phase == "write-blocking-ready":
             args["copy-mode"] = "write-blocking"
         if self.phase == "target-stopped":

@@ -9,6 +9,7 @@ since its last flush, as NBD allows a server to.
 """
 
 import signal
+import time
 
 import pytest
 
@@ -58,6 +59,13 @@ class Rig:
         jobs = ok(qmp_execute(self.log.client, "query-block-jobs"))
         return jobs[0] if jobs else None
 
+    def force_cancel_within(self, seconds):
+        t0 = time.monotonic()
+        ok(qmp_execute(self.log.client, "block-job-cancel",
+                       device="mirror0", force=True))
+        self.log.wait("BLOCK_JOB_CANCELLED", timeout=seconds)
+        assert time.monotonic() - t0 < seconds
+
     def complete_and_check(self):
         ok(qmp_execute(self.log.client, "block-job-complete",
                        device="mirror0"))
@@ -70,7 +78,6 @@ class Rig:
 
 def wait_copied(rig, least):
     """Poll until the job copied at least `least` bytes (bounded)."""
-    import time
     deadline = time.monotonic() + 20
     while rig.job()["offset"] < least:
         assert time.monotonic() < deadline, rig.job()
@@ -163,16 +170,11 @@ def test_target_gone_past_the_delay_applies_on_target_error(
 
 
 def test_force_cancel_while_reconnecting_ends_within_5s(workdir, procs, qmp):
-    import time
     rig = Rig(workdir, procs, qmp, speed="16M", reconnect_delay=60)
     wait_copied(rig, 4 * MiB)
     rig.kill_target()
     rig.log.wait("TARGET_DISCONNECTED", timeout=15)
-    t0 = time.monotonic()
-    ok(qmp_execute(rig.log.client, "block-job-cancel", device="mirror0",
-                   force=True))
-    rig.log.wait("BLOCK_JOB_CANCELLED", timeout=5)
-    assert time.monotonic() - t0 < 5
+    rig.force_cancel_within(5)
     assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
 
 
@@ -181,7 +183,6 @@ def test_force_cancel_during_a_stalled_reconnect_ends_within_5s(
     """The target stops (SIGSTOP): requests time out, the connection is
     dropped, and reconnecting hangs in the handshake (connect-timeout 30 s)
     until a force cancel abandons it."""
-    import time
     rig = Rig(workdir, procs, qmp, speed="16M", io_timeout=1,
               connect_timeout=30, reconnect_delay=60)
     wait_copied(rig, 4 * MiB)
@@ -189,11 +190,7 @@ def test_force_cancel_during_a_stalled_reconnect_ends_within_5s(
     procs.kill(proc, signal.SIGSTOP)
     try:
         rig.log.wait("TARGET_DISCONNECTED", timeout=15)
-        t0 = time.monotonic()
-        ok(qmp_execute(rig.log.client, "block-job-cancel", device="mirror0",
-                       force=True))
-        rig.log.wait("BLOCK_JOB_CANCELLED", timeout=5)
-        assert time.monotonic() - t0 < 5
+        rig.force_cancel_within(5)
     finally:
         procs.kill(proc, signal.SIGCONT)
     assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
