@@ -65,6 +65,14 @@ POLL_INTERVAL = 0.25     # seconds between the I/O thread's timeout checks
 CALLER_POLL = 0.1        # seconds between a polling caller's give_up checks
 CLOSE_GRACE = 1.0        # seconds a polite disconnect may take at close
 IO, CALLER = "io", "caller"     # who polls (_poller)
+# The send buffer of a unix socket connection, at least (the kernel doubles
+# what it is asked for).  Linux's default, 208 KiB, holds less than one of
+# the copier's 256 KiB writes, so each one was sent in pieces, by the I/O
+# thread, one POLLOUT at a time: 2 GiB file -> nbdkit memory took 1.62-1.71
+# s, 1.47-1.51 s with 416 KiB, 1.29-1.30 s with 2 MiB (nbdcopy: 1.37-1.41).
+# TCP tunes its own buffers (setting one would turn that off).
+UNIX_SNDBUF = 1 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)     # Linux's number
 
 
 class ConnectError(Exception):
@@ -87,6 +95,25 @@ def _free(h):
         del h._o
 
 
+def _widen_send_buffer(fd):
+    """UNIX_SNDBUF for a unix socket: asked for plainly, and past the
+    administrator's cap (net.core.wmem_max) only if the process may."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        if s.family != socket.AF_UNIX:
+            return
+        for option in (socket.SO_SNDBUF, SO_SNDBUFFORCE):
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= \
+                    2 * UNIX_SNDBUF:
+                return
+            try:
+                s.setsockopt(socket.SOL_SOCKET, option, UNIX_SNDBUF)
+            except OSError:         # EPERM: not privileged; keep what is
+                return
+    finally:
+        s.close()
+
+
 class NbdConnection:
     """One libnbd handle and the thread that polls it.
 
@@ -107,6 +134,7 @@ class NbdConnection:
             self.h.add_meta_context(ctx)
         self._connect(connect_timeout, give_up)
         self._fd = self.h.aio_get_fd()
+        _widen_send_buffer(self._fd)
         self._lock = threading.Lock()   # guards the seven below, _thread
         self._pending = {}              # key -> submit time, oldest first
         self._poller = None             # IO, CALLER or None (see above)

@@ -6,6 +6,7 @@ connection is killed or closed while a caller polls."""
 import errno
 import os
 import random
+import socket
 import threading
 import time
 
@@ -216,3 +217,17 @@ def test_an_idle_connection_notices_its_server_going(connect, server):
     with pytest.raises(OSError) as e:
         read(c, 4096, 0)
     assert e.value.errno == errno.ENOTCONN
+
+
+def test_a_unix_socket_connection_sends_a_copier_write_at_once(connect):
+    """The send buffer holds several of the copier's requests (Linux's
+    default holds less than one); the test runs as root, which may go past
+    net.core.wmem_max."""
+    from nbdmirror.copier import REQUEST_SIZE
+    c = connect()
+    s = socket.socket(fileno=os.dup(c.h.aio_get_fd()))
+    try:
+        got = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    finally:
+        s.close()
+    assert got >= 2 * nbdconn.UNIX_SNDBUF >= 4 * REQUEST_SIZE, got
