@@ -23,13 +23,17 @@ Invariants (the copier and the job rely on them):
     resumed later (drive-mirror with an existing bitmap file) would not
     know what that request changed.
   * Every request runs inside the gate.  close() stops new requests from
-    entering; `active` counts those still inside.  Once it is 0, no guest
-    request touches any backend, so the job can copy the last dirty bytes
-    and switch `backend` atomically with respect to the guest.
+    entering until the matching open() (closes nest: a job's pivot, a
+    drive-mirror resuming a bitmap and a quit may overlap); `active` counts
+    those still inside.  Once it is 0, no guest request touches any
+    backend, so the job can copy the last dirty bytes and switch `backend`
+    atomically with respect to the guest.
   * `backend` and `mirror` change only while the gate is closed and empty
     (pivot, end of a soft cancel) or in a way no request can miss: the job
-    sets `mirror` before its initial scan (a write in flight at that moment
-    is then tracked by its dirty bit or seen by the scan), and clears it
+    sets `mirror`, then waits until the requests inside the gate then have
+    left (they may have read `mirror` before it was set: untracked), and
+    only then scans; so every write is tracked by its dirty bit or seen by
+    the scan.  It clears it
     when it ends, after which its bitmap no longer matters.  A resumed job
     (persistent bitmap, no scan) sets it before the guest is served or
     writes; a job suspended by a clean shutdown keeps it, so that its
@@ -50,7 +54,7 @@ class Gate:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._active = 0
-        self._closed = False
+        self._closed = 0        # close() calls not yet opened
 
     def __enter__(self):
         with self._lock:
@@ -65,9 +69,10 @@ class Gate:
                 self._cond.notify_all()
 
     def close(self):
-        """New requests wait at the gate from now on."""
+        """New requests wait at the gate from now on, until as many open()
+        calls as close() calls were made."""
         with self._cond:
-            self._closed = True
+            self._closed += 1
 
     def wait_empty(self, timeout):
         """After close(): wait up to `timeout` s for the requests inside;
@@ -79,12 +84,13 @@ class Gate:
 
     def open(self):
         with self._cond:
-            self._closed = False
-            self._cond.notify_all()
+            self._closed -= 1
+            if not self._closed:
+                self._cond.notify_all()
 
     @property
     def closed(self):
-        return self._closed
+        return self._closed > 0
 
     @property
     def active(self):

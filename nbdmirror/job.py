@@ -368,6 +368,24 @@ class Job:
         self.bitmap.on_dirty = self.copier.wake
         # Tracking starts before the scan (QEMU issue 3273).
         self.guest.set_mirror(self)
+        self._drain_untracked()
+
+    def _drain_untracked(self):
+        """Wait until the guest requests that were inside the gate when
+        tracking started have left: one may have looked at the guest
+        path's `mirror` just before it was set, so its write is not marked
+        dirty, and it may land after the scan looked at its range (QEMU
+        drains to start a dirty bitmap for the same reason).  New requests
+        wait meanwhile: microseconds for a file source, for an NBD source
+        at most its io-timeout."""
+        gate = self.guest.gate
+        gate.close()
+        try:
+            while not gate.wait_empty(IDLE_WAKEUP):
+                if self._aborting():
+                    return
+        finally:
+            gate.open()
 
     def _scan(self):
         """The initial scan.  A block-status error goes through

@@ -145,6 +145,27 @@ def test_a_closed_gate_keeps_new_requests_out_and_counts_those_inside():
     assert not later.is_alive() and src.data[8:16] == b"\x06" * 8
 
 
+def test_gate_closes_nest_until_each_is_opened():
+    """A pivot's hold, a drive-mirror resuming a bitmap and a quit may
+    close the gate at once: the first open() must not let guests in while
+    another still holds it."""
+    sched, src, guest = guest_on(queue_sync=True)
+    guest.gate.close()
+    guest.gate.close()
+    waiter = threading.Thread(target=guest.pwrite, args=(b"\x08" * 8, 0),
+                              daemon=True)
+    waiter.start()
+    poll(lambda: len(guest.gate._cond._waiters) == 1,
+         what="the request to wait at the gate")
+    guest.gate.open()
+    assert guest.gate.closed and sched.pending() == []
+    assert len(guest.gate._cond._waiters) == 1, "let in by the first open"
+    guest.gate.open()
+    sched.complete(sched.wait_for("write")[0])
+    waiter.join(5)
+    assert not waiter.is_alive() and src.data[:8] == b"\x08" * 8
+
+
 def test_switch_backend_needs_the_gate_closed_and_empty():
     sched, src, guest = guest_on(queue_sync=True)
     other = FakeEndpoint(sched, size=M, name="other")

@@ -335,3 +335,41 @@ def test_a_lost_target_gets_again_what_it_had_not_flushed(rigs):
     poll(lambda: rig.job.copier.done_bytes >= done + (1 << 20),
          what="the region copied again")
     poll(lambda: rig.tgt.data == rig.guest.backend.data, what="the copy")
+
+
+# -- the start of tracking -----------------------------------------------------
+
+def test_a_guest_write_in_flight_when_tracking_starts_reaches_the_target(
+        rigs):
+    """A write that entered the guest path before the job tracked writes
+    (so it is not marked dirty) and lands on the source after the job set
+    its mirror: the scan must not look at its range before it landed, or
+    the target never gets it.  Here its range reads as zeroes before it,
+    and the write is held inside the source until the job either scanned
+    (the bug) or closed the gate to wait for it (the fix)."""
+    size = 1 * M
+    rig = rigs(size=size, src_data=bytes(size))
+    inside, release = threading.Event(), threading.Event()
+    write_to_source = rig.src.pwrite
+
+    def held_pwrite(buf, offset, fua=False):
+        inside.set()
+        assert release.wait(10), "the test did not release the write"
+        write_to_source(buf, offset, fua)
+    rig.src.pwrite = held_pwrite
+    scanned = threading.Event()
+    rig.src.during_extents = lambda offset, count: scanned.set()
+    data = bytes([0xA7]) * 4096
+    writer = threading.Thread(target=rig.guest.pwrite,
+                              args=(data, 300 * K), daemon=True)
+    writer.start()
+    assert inside.wait(5)
+    assert rig.guest.mirror is None     # entered untracked
+    rig.start()
+    poll(lambda: scanned.is_set() or rig.guest.gate.closed, 5,
+         "the job scanning, or holding the gate for the write inside")
+    release.set()
+    writer.join(5)
+    rig.wait_event("BLOCK_JOB_READY")
+    assert rig.src.data[300 * K:304 * K] == data
+    assert rig.tgt.data == rig.src.data, "the target lacks the write"
