@@ -333,7 +333,10 @@ class FileEndpoint(Endpoint):
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
 
     def pread(self, buf, offset):
-        view = memoryview(buf)
+        n = os.preadv(self.fd, [buf], offset)
+        if n == len(buf):
+            return              # the usual case: all of it at once
+        view, offset = memoryview(buf)[n:], offset + n
         while view:
             n = os.preadv(self.fd, [view], offset)
             if n == 0:           # past EOF reads as zero
@@ -342,10 +345,13 @@ class FileEndpoint(Endpoint):
             view, offset = view[n:], offset + n
 
     def pwrite(self, buf, offset, fua=False):
-        view = memoryview(buf)
-        while view:
-            n = os.pwritev(self.fd, [view], offset)
-            view, offset = view[n:], offset + n
+        n = os.pwritev(self.fd, [buf], offset)
+        if n != len(buf):       # the usual case wrote all of it at once
+            view = memoryview(buf)[n:]
+            offset += n
+            while view:
+                n = os.pwritev(self.fd, [view], offset)
+                view, offset = view[n:], offset + n
         if fua:
             self.flush()
 

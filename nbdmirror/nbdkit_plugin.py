@@ -145,20 +145,32 @@ def _errno(fn):
         try:
             return fn(*args)
         except OSError as e:
-            nbdkit.set_error(e.errno or errno.EIO)
+            _fail(e)
             raise
     callback.__name__ = fn.__name__
     return callback
 
 
-@_errno
+def _fail(e):
+    nbdkit.set_error(e.errno or errno.EIO)
+
+
+# pread and pwrite, the busiest callbacks, do what _errno does inline: one
+# Python call less per request is measurable at 4 KiB.
 def pread(g, buf, offset, flags):
-    g.pread(buf, offset)
+    try:
+        g.pread(buf, offset)
+    except OSError as e:
+        _fail(e)
+        raise
 
 
-@_errno
 def pwrite(g, buf, offset, flags):
-    g.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    try:
+        g.pwrite(buf, offset, flags & nbdkit.FLAG_FUA)
+    except OSError as e:
+        _fail(e)
+        raise
 
 
 @_errno
