@@ -3,6 +3,7 @@
 request is answered, also when the server stops, hangs up or the
 connection is killed or closed while a caller polls."""
 
+import contextlib
 import errno
 import os
 import random
@@ -144,13 +145,21 @@ def test_callers_and_async_requests_mixed_all_land(connect):
     deadline_poll(lambda: c._poller is None, 2, "nobody polling at the end")
 
 
-def test_a_caller_at_a_stopped_server_is_released_by_kill(connect, server):
-    c = connect()
+@contextlib.contextmanager
+def caller_polling_stopped_server(c, server, call=None):
+    """A thread in call() (a 4 KiB write by default), polling the handle
+    itself, while the server is SIGSTOPped: yields (thread, outcome)."""
     write(c, b"x" * 4096, 0)
     with frozen(server[1]):
-        t, outcome = in_thread(lambda: write(c, b"y" * 4096, 0))
+        t, outcome = in_thread(call or (lambda: write(c, b"y" * 4096, 0)))
         deadline_poll(lambda: c._poller == nbdconn.CALLER, 5,
                       "the caller polling")
+        yield t, outcome
+
+
+def test_a_caller_at_a_stopped_server_is_released_by_kill(connect, server):
+    c = connect()
+    with caller_polling_stopped_server(c, server) as (t, outcome):
         c.kill("abandoned")
         e = raised_within(t, outcome, 5)
         assert isinstance(e, OSError) and e.errno == errno.ENOTCONN, e
@@ -173,11 +182,7 @@ def test_a_caller_at_a_stopped_server_times_out(connect, server):
 
 def test_close_while_a_caller_polls_a_stopped_server(connect, server):
     c = connect()
-    write(c, b"x" * 4096, 0)
-    with frozen(server[1]):
-        t, outcome = in_thread(lambda: write(c, b"y" * 4096, 0))
-        deadline_poll(lambda: c._poller == nbdconn.CALLER, 5,
-                      "the caller polling")
+    with caller_polling_stopped_server(c, server) as (t, outcome):
         closer, closed = in_thread(c.close)
         e = raised_within(t, outcome, 5)
         assert isinstance(e, OSError), e
@@ -189,14 +194,11 @@ def test_give_up_hands_the_request_to_the_io_thread(connect, server):
     """A caller that gives up leaves its request in flight; the I/O thread
     takes it over, and the connection goes on working."""
     c = connect()
-    write(c, b"x" * 4096, 0)
     stop = threading.Event()
-    with frozen(server[1]):
-        t, outcome = in_thread(lambda: c.call(
-            lambda cb: c.h.aio_pwrite(b"y" * 4096, 0, completion=cb),
-            give_up=stop.is_set))
-        deadline_poll(lambda: c._poller == nbdconn.CALLER, 5,
-                      "the caller polling")
+    call = (lambda: c.call(
+        lambda cb: c.h.aio_pwrite(b"y" * 4096, 0, completion=cb),
+        give_up=stop.is_set))
+    with caller_polling_stopped_server(c, server, call) as (t, outcome):
         stop.set()
         e = raised_within(t, outcome, 5)
         assert e.errno == errno.ECANCELED
