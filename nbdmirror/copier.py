@@ -2,8 +2,8 @@
 
 It runs in the job's thread and talks to both endpoints through their aio
 interface (endpoints.py): over an NBD connection the requests overlap, and
-completions arrive from that connection's I/O thread into `_done`, which
-the job thread reaps in pump().
+completions arrive from the thread polling that connection (nbdconn.py)
+into `_done`, which the job thread reaps in pump().
 
 Work comes in *ops*: a run of dirty chunks [c0, c1) taken from the bitmap.
 An op is split into *pieces*, each one request: a read then a write

@@ -291,7 +291,7 @@ class NbdConnection:
 
     def kill(self, reason="killed"):
         """End the connection now: every request in flight completes with
-        an error (from the I/O thread), and later ones fail at once."""
+        an error (in the thread that polls), and later ones fail at once."""
         with self._lock:
             if self._dead is None:
                 self._dead = reason
