@@ -95,6 +95,10 @@ class Endpoint:
     def reconnect(self, timeout, give_up=None):
         raise EndpointError(f"{self.uri}: cannot reconnect")
 
+    def start_io(self):
+        """Start serving requests from a thread of this thread's priority
+        (an NBD connection's I/O thread); nothing to do for a file."""
+
     def __repr__(self):
         return f"{type(self).__name__}({self.uri!r})"
 
@@ -280,6 +284,9 @@ class NbdEndpoint(Endpoint):
         if not depth:
             return [Extent(s, e, f) for s, e, f in base]
         return _merge(base, _runs(offset, got[ALLOCATION_DEPTH]))
+
+    def start_io(self):
+        self.conn.start()
 
     @property
     def dead(self):

@@ -46,6 +46,7 @@ Bounds (issue "work with NBD servers as people run them"):
 """
 
 import errno
+import os
 import threading
 import time
 import traceback
@@ -65,6 +66,12 @@ IDLE_WAKEUP = 1.0       # the job thread looks around at least this often
 # per 1 GiB or 256 MiB written made 4 GiB onto a qemu-nbd file target
 # 20-45 % slower; one per 10 s is one flush in a 16 s copy of 8 GiB.)
 FLUSH_AGE = 10.0
+# The job thread runs this much nicer than the process, so that a copy
+# competing with the guest for CPU leaves it more: 4 KiB guest reads during
+# a 2 GiB copy on 2 cores, 15-16k IOPS at the same priority, 21-22k at +5
+# (the copy 13 % longer); an idle guest's copy is as fast (1.36-1.43 s
+# either way).  Guest requests never run in this thread.
+COPIER_NICE = 5
 PIVOT_HOLD_LIMIT = 5.0  # seconds guest I/O may be held for a pivot
 HOLD_AIM = 0.5          # hold when the backlog takes about this long to copy
 HOLD_MIN_BACKLOG = 1 << 20   # ... or is this small, whatever the rate
@@ -320,6 +327,12 @@ class Job:
         return self._action() is Action.ABORT
 
     def run(self):
+        # A thread inherits its creator's priority: the connections' I/O
+        # threads, which serve guest requests too, start before this one
+        # lowers its own (nbdconn.py also raises theirs where it may).
+        self.source.start_io()
+        self.target.start_io()
+        _nicer(COPIER_NICE)
         old_source = None
         try:
             self._open()                 # `running`: tracking on
@@ -767,3 +780,14 @@ class Job:
                     else "failed"
                 self.state.pause_on_error()
         self.copier.wake()           # the loop looks at the new action now
+
+
+def _nicer(step):
+    """Lower the calling thread's CPU priority by `step` (on Linux a thread
+    has a nice value of its own); where it cannot, it stays as it is."""
+    try:
+        tid = threading.get_native_id()
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + step))
+    except OSError:
+        pass

@@ -114,6 +114,20 @@ def _widen_send_buffer(fd):
         s.close()
 
 
+def _like_the_process():
+    """The calling thread runs at the process's CPU priority, not at that
+    of the thread that started it (threads inherit their creator's nice
+    value, and the job's thread runs nicer: job.COPIER_NICE).  Raising a
+    priority needs privilege; without it, it stays as it is."""
+    try:
+        tid = threading.get_native_id()
+        nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        if os.getpriority(os.PRIO_PROCESS, tid) > nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError:
+        pass
+
+
 class NbdConnection:
     """One libnbd handle and the thread that polls it.
 
@@ -372,6 +386,13 @@ class NbdConnection:
             os.close(fd)
 
     # -- the I/O thread ------------------------------------------------------
+    def start(self):
+        """Start the I/O thread now, from this thread, whose CPU priority
+        it inherits (else the first request starts it)."""
+        with self._lock:
+            if self._thread is None and not self._closing:
+                self._start_thread()
+
     def _start_thread(self):
         """Lazily, in the process that uses the connection: a connection
         made before nbdkit forks is polled by a thread of the child."""
@@ -452,6 +473,7 @@ class NbdConnection:
     def _run(self):
         """The I/O thread: polls the handle while it is the poller; else
         watches an idle connection for a hang-up, and the wake pipe."""
+        _like_the_process()
         h = self.h
         me = self._new_poll()
         while not self._stop:

@@ -370,6 +370,9 @@ class FakeEndpoint:
         return self.sched.pending((self, _matcher(match)))
 
     # -- asynchronous requests ------------------------------------------------
+    def start_io(self):
+        pass
+
     def aio_read(self, view, offset, done):
         self._submit("read", offset, len(view), view, done)
 

@@ -373,3 +373,20 @@ def test_a_guest_write_in_flight_when_tracking_starts_reaches_the_target(
     rig.wait_event("BLOCK_JOB_READY")
     assert rig.src.data[300 * K:304 * K] == data
     assert rig.tgt.data == rig.src.data, "the target lacks the write"
+
+
+def _nice(tid):
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[16])
+
+
+def test_the_job_thread_copies_at_a_lower_cpu_priority(rigs):
+    """A copy competing with the guest for CPU leaves it more: the job's
+    thread is COPIER_NICE nicer than the process, the process unchanged."""
+    rig = rigs().start()
+    rig.wait_event("BLOCK_JOB_READY")
+    base = _nice(threading.get_native_id())
+    assert _nice(rig.job._thread.native_id) == \
+        min(19, base + job_mod.COPIER_NICE)
+    assert _nice(threading.get_native_id()) == base

@@ -233,3 +233,24 @@ def test_a_unix_socket_connection_sends_a_copier_write_at_once(connect):
     finally:
         s.close()
     assert got >= 2 * nbdconn.UNIX_SNDBUF >= 4 * REQUEST_SIZE, got
+
+
+def test_the_io_thread_runs_at_the_process_priority(connect):
+    """Started by a thread that runs nicer (the job's), the I/O thread,
+    which serves guest requests too, does not stay nicer (the test runs as
+    root, which may raise a priority)."""
+    c = connect()
+
+    def from_a_nicer_thread():
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       os.getpriority(os.PRIO_PROCESS, tid) + 5)
+        c.start()
+        return c._thread.native_id
+    t, outcome = in_thread(from_a_nicer_thread)
+    t.join(5)
+    io = outcome[0][1]
+    deadline_poll(lambda: os.getpriority(os.PRIO_PROCESS, io) ==
+                  os.getpriority(os.PRIO_PROCESS, os.getpid()), 5,
+                  "the I/O thread at the process's priority")
+    write(c, b"x" * 4096, 0)        # and it works
