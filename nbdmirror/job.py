@@ -327,14 +327,15 @@ class Job:
         return self._action() is Action.ABORT
 
     def run(self):
-        # A thread inherits its creator's priority: the connections' I/O
-        # threads, which serve guest requests too, start before this one
-        # lowers its own (nbdconn.py also raises theirs where it may).
-        self.source.start_io()
-        self.target.start_io()
-        _nicer(COPIER_NICE)
         old_source = None
         try:
+            # A thread inherits its creator's priority: the connections'
+            # I/O threads, which serve guest requests too, start before
+            # this one lowers its own (nbdconn.py also raises theirs
+            # where it may).
+            self.source.start_io()
+            self.target.start_io()
+            _nicer(COPIER_NICE)
             self._open()                 # `running`: tracking on
             self._advance(S.RUNNING)
             if not self.persist.resumed:     # persistent bitmap: no scan
