@@ -37,7 +37,12 @@ class DirtyBitmap:
         self._bits.setall(0)
         self._dirty = 0
         self._lock = threading.Lock()
-        self.on_dirty = None   # called (outside the lock) after bits were set
+        # Called (outside the lock) after a mark made a clean bitmap dirty.
+        # Only then: a copier that saw dirty chunks is busy with them or
+        # will look again (job.IDLE_WAKEUP at most), and a wake for every
+        # guest write under a busy guest cost a third of its write rate
+        # (a thread wake-up and a copier round of one chunk per write).
+        self.on_dirty = None
 
     # -- geometry ---------------------------------------------------------
     def chunk_range(self, offset, length):
@@ -60,10 +65,11 @@ class DirtyBitmap:
         if c0 >= c1:
             return
         with self._lock:
+            was_clean = not self._dirty
             self._dirty += (c1 - c0) - self._bits.count(1, c0, c1)
             self._bits[c0:c1] = 1
         cb = self.on_dirty
-        if cb is not None:
+        if cb is not None and was_clean:
             cb()
 
     def mark_all(self):

@@ -135,6 +135,19 @@ def test_on_dirty_is_called_after_marking_outside_the_lock():
     assert seen == [1, 16]
 
 
+def test_on_dirty_is_called_only_when_a_clean_bitmap_becomes_dirty():
+    bm = DirtyBitmap(M, G64)
+    seen = []
+    bm.on_dirty = lambda: seen.append(bm.dirty_chunks)
+    bm.mark_chunks(2, 3)
+    bm.mark_chunks(5, 7)                    # dirty already: the copier knows
+    bm.mark_chunks(2, 3)
+    assert seen == [1]
+    bm.clear_chunks(0, bm.chunks)
+    bm.mark_chunks(9, 10)                   # clean again, then dirty
+    assert seen == [1, 1]
+
+
 # -- queries ------------------------------------------------------------------------
 
 def test_next_dirty_searches_from_start_within_stop():
