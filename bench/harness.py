@@ -440,21 +440,23 @@ def wait_job_ready(bench, proxy, timeout=None):
 
 # -- QEMU's own mirror -------------------------------------------------------
 
-def blockdev(node, source):
-    """A --blockdev argument: a raw file path or an nbd+unix:// URI."""
+def blockdev(node, source, locking=True):
+    """A --blockdev argument: a raw file path or an nbd+unix:// URI.
+    locking=False: a file that another QEMU process has open too."""
     if "://" in source:
         return (f"driver=nbd,node-name={node},server.type=unix,"
                 f"server.path={socket_of(source)}")
-    return f"driver=file,node-name={node},filename={os.path.abspath(source)}"
+    return (f"driver=file,node-name={node},filename={os.path.abspath(source)}"
+            + ("" if locking else ",locking=off"))
 
 
-def qemu_mirror(bench, source, target_uri, export=None):
+def qemu_mirror(bench, source, target_uri, export=None, locking=True):
     """qemu-storage-daemon 7.2 with `source` (node src) and `target_uri`
     (node tgt) as --blockdev nodes, and, with `export` (a socket path),
     src exported over NBD as "disk" (a guest's view: it follows the
     pivot).  Returns (proc, qmp, events, seconds to start)."""
     t0 = time.monotonic()
-    args = ["--blockdev", blockdev("src", source),
+    args = ["--blockdev", blockdev("src", source, locking),
             "--blockdev", blockdev("tgt", target_uri)]
     if export:
         args += ["--nbd-server", f"addr.type=unix,addr.path={export}",
@@ -464,9 +466,10 @@ def qemu_mirror(bench, source, target_uri, export=None):
     return proc, qmp, events, time.monotonic() - t0
 
 
-def qemu_mirror_start(qmp):
+def qemu_mirror_start(qmp, copy_mode="background"):
     command(qmp, "blockdev-mirror", **{"job-id": "m0", "device": "src",
-                                       "target": "tgt", "sync": "full"})
+                                       "target": "tgt", "sync": "full",
+                                       "copy-mode": copy_mode})
 
 
 def qemu_wait_ready(bench, proc, events, timeout=None):

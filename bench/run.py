@@ -31,7 +31,11 @@ work on the machine skews the figures.  Sections (--only picks some):
      job (>= 0.5); the proxies run serve's default nbdkit thread count (1
      for a file source), and one row reads through `--threads 4` beside
      the default, in the same turns (no aim: the trade-off); sequential
-     reads (nbdcopy URI null:, 256 KiB requests);
+     reads (nbdcopy URI null:, 256 KiB requests).  The ready rows also
+     take QEMU's own mirror in their turns (qemu-storage-daemon exporting
+     its source node, blockdev-mirror ready in the same copy mode), noted
+     as a fraction of qemu-nbd and against nbdmirror: what a user would
+     get instead;
      and 4 KiB random reads while the copy of section A's file runs against
      the same reads with no job (>= 0.5), from fio's IOPS log within the
      copy's wall-clock window.
@@ -105,7 +109,7 @@ from harness import (GiB, KiB, MiB, TiB, Bench, BenchError,  # noqa: E402
                      qemu_mirror_to_ready, qemu_wait_ready, ready_since_start,
                      stamp, start_mirror, turns, wait_job_ready, wait_ready)
 from stats import (Aim, Row, fmt, fmt_ratio, median,  # noqa: E402
-                   print_table, ratio)
+                   print_table, ratio, summary)
 
 
 @dataclass
@@ -385,6 +389,26 @@ def guest_proxies(ctx, checkout):
     return out
 
 
+def qemu_guests(ctx):
+    """{state: export URI} for the ready states: qemu-storage-daemon with
+    a ready blockdev-mirror in the same copy mode (to its own nbdkit
+    memory), exporting the fio file: the tool a user would use instead."""
+    b, s = ctx.bench, ctx.sizes
+    out = {}
+    for state, mode, _ in STATES:
+        if mode is None:
+            continue
+        tgt, _ = b.nbdkit("memory", str(s.fio_file))
+        sock = b.sock(f"qsd-{mode}")
+        # locking off: qemu-nbd (the direct side) has the file open too
+        proc, qmp, events, _ = qemu_mirror(b, ctx.fio_file(), tgt,
+                                           export=sock, locking=False)
+        qemu_mirror_start(qmp, copy_mode=mode)
+        qemu_wait_ready(b, proc, events)
+        out[state] = f"nbd+unix:///disk?socket={sock}"
+    return out
+
+
 def guest_io(ctx):
     b, s = ctx.bench, ctx.sizes
     rows = {}
@@ -407,6 +431,7 @@ def guest_io(ctx):
                              key=lambda r: int(r.key[1:]))):
         direct, _ = b.qemu_nbd(ctx.fio_file())
         proxies = {c: guest_proxies(ctx, c) for c in ctx.checkouts()}
+        qemu = qemu_guests(ctx)
 
         def fio_side(uri, rw):
             ddir = 0 if rw == "randread" else 1
@@ -417,10 +442,20 @@ def guest_io(ctx):
                      for c in ctx.checkouts()}
             if row is rows[("no job", "randread")]:
                 sides["threads"] = fio_side(proxies[None][THREADS].uri, rw)
+            if state in qemu:
+                sides["qemu"] = fio_side(qemu[state], rw)
             sides["direct"] = fio_side(direct, rw)
             data = turns(b.runs, {k: (lambda k=k, f=f: {k: f()})
                                   for k, f in sides.items()})
             fill(row, data, "ours", "direct")
+            if "qemu" in sides:
+                row.note(
+                    f"QEMU's mirror, ready, same copy mode "
+                    f"(qemu-storage-daemon's export): "
+                    f"{summary(data['qemu'], 'IOPS')}, "
+                    f"{fmt_ratio(ratio(data['qemu'], row.base))} of qemu-nbd;"
+                    f" nbdmirror / QEMU's mirror "
+                    f"{fmt_ratio(ratio(row.ours, data['qemu']))}")
             if "threads" in sides:
                 fill(threads, data, "threads", "direct")
                 threads.note(
