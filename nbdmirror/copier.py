@@ -193,8 +193,9 @@ class Copier:
 
     def written_through(self, offset, length):
         """A write-through guest write, holding the chunks of [offset,
-        offset+length) in `locks`, wrote the source and is about to write
-        the target."""
+        offset+length) in `locks`, is about to write the target (what the
+        target held there is no longer known), and again once its source
+        write completed (the source's extents there changed)."""
         self.cache.invalidate(offset, length)
         self.target_zero.forget(*self.bitmap.chunk_range(offset, length))
 

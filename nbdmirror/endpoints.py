@@ -13,6 +13,10 @@ The interface (Endpoint):
   * synchronous requests, safe from any number of threads at once: pread,
     pwrite, flush, trim, zero, extents.  They raise OSError with the errno a
     guest should see (ENOSPC stays ENOSPC).
+  * pwrite_during, zero_during: pwrite and zero with meanwhile() run while
+    the request is in flight (a write-blocking guest write's source half,
+    beside its target half), and waited for even if meanwhile() raises.
+    Where a request cannot be left in flight, meanwhile() runs first.
   * asynchronous requests, for the copier: aio_read, aio_write, aio_zero,
     aio_flush.  Each calls done(errno) exactly once (0: success), maybe in
     another thread, maybe before it returns; they never raise.
@@ -88,6 +92,15 @@ class Endpoint:
     # turns with the first halves 4 KiB throughput; threads pay off only
     # where a request mostly waits with the GIL released.
     guest_threads = 4
+
+    def pwrite_during(self, meanwhile, buf, offset, fua=False):
+        meanwhile()
+        self.pwrite(buf, offset, fua)
+
+    def zero_during(self, meanwhile, count, offset, may_trim=False,
+                    fua=False):
+        meanwhile()
+        self.zero(count, offset, may_trim, fua)
 
     def abort(self):
         """Nothing is ever left in flight."""
@@ -197,9 +210,9 @@ class NbdEndpoint(Endpoint):
         conn = self.conn
         conn.submit(lambda cb: send(conn.h, cb), done)
 
-    def _call(self, send, give_up=None):
+    def _call(self, send, give_up=None, meanwhile=None):
         conn = self.conn
-        conn.call(lambda cb: send(conn.h, cb), give_up)
+        conn.call(lambda cb: send(conn.h, cb), give_up, meanwhile)
 
     # -- async (the copier) ---------------------------------------------
     def aio_read(self, view, offset, done):
@@ -226,10 +239,14 @@ class NbdEndpoint(Endpoint):
             nbd.Buffer.from_buffer(buf), offset, completion=cb))
 
     def pwrite(self, buf, offset, fua=False):
+        self.pwrite_during(None, buf, offset, fua)
+
+    def pwrite_during(self, meanwhile, buf, offset, fua=False):
         native = fua and self.can_fua
         flags = nbd.CMD_FLAG_FUA if native else 0
         self._call(lambda h, cb: h.aio_pwrite(
-            nbd.Buffer.from_buffer(buf), offset, completion=cb, flags=flags))
+            nbd.Buffer.from_buffer(buf), offset, completion=cb, flags=flags),
+            meanwhile=meanwhile)
         if fua and not native:
             self.flush()
 
@@ -250,12 +267,22 @@ class NbdEndpoint(Endpoint):
     def zero(self, count, offset, may_trim=False, fua=False, fast=False):
         if fast and not self.can_fast_zero:
             raise OSError(errno.ENOTSUP, "fast zero not supported")
+        self._zero(None, count, offset, may_trim, fua, fast)
+
+    def zero_during(self, meanwhile, count, offset, may_trim=False,
+                    fua=False):
+        self._zero(meanwhile, count, offset, may_trim, fua, False)
+
+    def _zero(self, meanwhile, count, offset, may_trim, fua, fast):
         if not self.zero_native:
             zeroes = memoryview(ZEROES)
             while count:
                 n = min(count, len(zeroes))
-                self.pwrite(zeroes[:n], offset)
+                self.pwrite_during(meanwhile, zeroes[:n], offset)
+                meanwhile = None            # beside the first write only
                 offset, count = offset + n, count - n
+            if meanwhile is not None:       # count 0: no write at all
+                meanwhile()
             if fua:
                 self.flush()
             return
@@ -264,7 +291,7 @@ class NbdEndpoint(Endpoint):
             (nbd.CMD_FLAG_FUA if native_fua else 0) | \
             (nbd.CMD_FLAG_FAST_ZERO if fast else 0)
         self._call(lambda h, cb: h.aio_zero(
-            count, offset, completion=cb, flags=flags))
+            count, offset, completion=cb, flags=flags), meanwhile=meanwhile)
         if fua and not native_fua:
             self.flush()
 

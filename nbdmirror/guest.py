@@ -9,7 +9,8 @@ Invariants (the copier and the job rely on them):
         changed either way): the range becomes dirty, and the copier, which
         clears bits before it reads, sees every write that could race it; or
       - in write-blocking mode, goes through mirror.write_through(), which
-        writes the source and then the target before the guest is answered
+        writes the source and the target (side by side) before the guest
+        is answered, and marks the range dirty if either failed
         (job.Job.write_through says how it stays out of the copier's way).
   * With a persistent bitmap (activitylog.py), mirror.before_write() runs
     before a data-changing request reaches the source (on either path
@@ -122,8 +123,9 @@ class GuestIO:
     # -- requests -----------------------------------------------------------
     def _change(self, offset, length, on_source, on_target):
         """A data-changing request: on_source() does it on the backend,
-        on_target(endpoint) on the mirror target (None: it cannot be
-        written through, e.g. trim, whose result is not defined)."""
+        on_target(endpoint, meanwhile) on the mirror target, running
+        meanwhile() while it is in flight (None: it cannot be written
+        through, e.g. trim, whose result is not defined)."""
         with self.gate:
             self.changed = True
             mirror = self.mirror
@@ -158,7 +160,8 @@ class GuestIO:
         self._change(offset, len(buf),
                      lambda: self.backend.pwrite(buf, offset, fua),
                      # from a private copy, as QEMU's active mirror does
-                     lambda t: t.pwrite(bytes(buf), offset, fua))
+                     lambda t, meanwhile: t.pwrite_during(
+                         meanwhile, bytes(buf), offset, fua))
 
     def trim(self, count, offset, fua=False):
         self._change(offset, count,
@@ -168,7 +171,8 @@ class GuestIO:
         self._change(offset, count,
                      lambda: self.backend.zero(count, offset, may_trim, fua,
                                                fast),
-                     lambda t: t.zero(count, offset, may_trim, fua))
+                     lambda t, meanwhile: t.zero_during(
+                         meanwhile, count, offset, may_trim, fua))
 
     def flush(self):
         with self.gate:

@@ -257,32 +257,56 @@ class Job:
         self.copier.guest_wrote(offset, length)
 
     def write_through(self, offset, length, on_source, on_target):
-        """A write-blocking guest write: source, then target, then answer.
+        """A write-blocking guest write: source and target, then answer.
+
+        on_target(target, meanwhile) sends the target half and runs
+        meanwhile(), the source half, while it is in flight (a 4 KiB write
+        through to `nbdkit memory`: 6.2-6.9k writes a second one after the
+        other, 7.5-8.3k side by side; 4.6-5.1k and 6.6-6.9k on a file in
+        write-back).  QEMU's active mirror writes the target once the
+        source write succeeded; here a failed source write may leave the
+        target holding the new bytes, which is harmless: the range becomes
+        dirty and the copier copies the source's bytes over them.
 
         It holds its chunks, so no copy of them is in flight meanwhile (it
         waits for those to end) and none starts: a copy cannot read the
-        source before this write and land on the target after it.  The
-        chunks' dirty bits are left as they are: this write changes source
-        and target alike.  If the target write fails (or the job ends and
-        drops the target meanwhile), the range becomes dirty and the copier
-        copies it (and applies the error policy)."""
+        source before this write and land on the target after it.  It lets
+        them go only once both halves ended.  The chunks' dirty bits are
+        left as they are: this write changes source and target alike.  If
+        the target write fails (or the job ends and drops the target
+        meanwhile), the range becomes dirty and the copier copies it (and
+        applies the error policy)."""
         c0, c1 = self.bitmap.chunk_range(offset, length)
         if not self.locks.take(c0, c1):
             return on_source()       # the job ended while this write waited
         try:
-            try:
-                result = on_source()
-            except BaseException:
-                self.guest_wrote(offset, length)
-                raise
+            source = []              # (True, result) or (False, exception)
+
+            def write_source():
+                try:
+                    source.append((True, on_source()))
+                except BaseException as e:   # noqa: BLE001 - raised below
+                    source.append((False, e))
+
             self.copier.written_through(offset, length)
             try:
-                on_target(self.target)
+                on_target(self.target, write_source)
+                target_ok = True
             except Exception:       # noqa: BLE001 - the guest's write is done
+                target_ok = False
+            if not source:           # the target half failed before it ran
+                write_source()
+            if target_ok:
+                self.copier.unflushed.wrote(offset, length)
+            ok, result = source[0]
+            if not ok:
+                self.guest_wrote(offset, length)
+                raise result
+            self.copier.written_through(offset, length)
+            if not target_ok:
                 self.bitmap.mark(offset, length)
                 self.copier.wake()
             else:
-                self.copier.unflushed.wrote(offset, length)
                 with self._lock:
                     self._through_bytes += length
             return result

@@ -259,14 +259,21 @@ class NbdConnection:
             self._wake()
         return polls_itself
 
-    def call(self, issue, give_up=None):
+    def call(self, issue, give_up=None, meanwhile=None):
         """submit() and wait for the answer; raise OSError on failure.
 
         Without `give_up` it waits until the server answers or the
         connection ends (io_timeout bounds that).  With it, give_up() is
         asked every 0.1 s and True abandons the wait (ECANCELED): only for
         requests whose buffers are Python objects that libnbd keeps alive,
-        never for a buffer that the caller frees on return."""
+        never for a buffer that the caller frees on return.
+
+        meanwhile(), if given, runs once the request is sent and before it
+        is waited for (a write-blocking guest write's source half, while
+        its target half is on the wire).  The request is waited for even if
+        meanwhile() raises, which is then raised.  While it runs, a caller
+        that polls for itself does not poll: other requests on this
+        connection (the copier's) complete only after it."""
         latch = threading.Lock()
         latch.acquire()
         result = []
@@ -275,7 +282,22 @@ class NbdConnection:
             result.append(err)
             latch.release()
 
-        if self._send(issue, done, CALLER):
+        polls = self._send(issue, done, CALLER)
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                self._wait(polls, latch, result, None)
+                raise
+        self._wait(polls, latch, result, give_up)
+        if result[0]:
+            raise OSError(result[0], f"{self.display}: "
+                                     f"{os.strerror(result[0])}")
+
+    def _wait(self, polls, latch, result, give_up):
+        """Until the request of call() completed (`result` filled): polling
+        for it if the caller `polls`, else on its latch."""
+        if polls:
             self._poll_for(result, give_up)
         elif give_up is None:
             latch.acquire()
@@ -283,9 +305,6 @@ class NbdConnection:
             while not latch.acquire(timeout=CALLER_POLL):
                 if give_up():
                     raise OSError(errno.ECANCELED, "abandoned")
-        if result[0]:
-            raise OSError(result[0], f"{self.display}: "
-                                     f"{os.strerror(result[0])}")
 
     def _poll_for(self, result, give_up):
         """The caller polls until its request completed (`result` filled),

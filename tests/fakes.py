@@ -398,10 +398,18 @@ class FakeEndpoint:
     def pwrite(self, buf, offset, fua=False):
         self._sync("write", offset, len(buf), memoryview(bytes(buf)))
 
+    def pwrite_during(self, meanwhile, buf, offset, fua=False):
+        self._sync("write", offset, len(buf), memoryview(bytes(buf)),
+                   meanwhile)
+
     def zero(self, count, offset, may_trim=False, fua=False, fast=False):
         if fast and not self.can_fast_zero:
             raise OSError(errno.ENOTSUP, "fast zero not supported")
         self._sync("zero", offset, count, None)
+
+    def zero_during(self, meanwhile, count, offset, may_trim=False,
+                    fua=False):
+        self._sync("zero", offset, count, None, meanwhile)
 
     def trim(self, count, offset, fua=False):
         self._sync("trim", offset, count, None)
@@ -486,13 +494,26 @@ class FakeEndpoint:
         if self.auto:
             done(r.result)
 
-    def _sync(self, kind, offset, length, view):
+    def _sync(self, kind, offset, length, view, meanwhile=None):
+        """A synchronous request: completed at once, or (queue_sync) when
+        the test completes it; meanwhile() runs once it is issued, before
+        it is waited for, as NbdEndpoint's do (there too it runs when the
+        request fails at once, the connection being dead)."""
         now = self.auto or not self.queue_sync
-        with self.sched.cond:
-            self._check_alive()
-            r = self._make(kind, offset, length, view, None, True, now)
-        if not now and not r.event.wait(SYNC_TIMEOUT):
-            raise OSError(errno.ETIMEDOUT, f"{self.name}: {r} timed out")
+        try:
+            with self.sched.cond:
+                self._check_alive()
+                r = self._make(kind, offset, length, view, None, True, now)
+        except OSError:
+            if meanwhile is not None:
+                meanwhile()
+            raise
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            if not now and not r.event.wait(SYNC_TIMEOUT):
+                raise OSError(errno.ETIMEDOUT, f"{self.name}: {r} timed out")
         if r.result:
             raise OSError(r.result, f"{self.name}: {r} failed")
 

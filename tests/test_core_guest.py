@@ -236,14 +236,79 @@ def test_a_failed_target_write_through_marks_dirty_and_answers_the_guest():
     assert not rig.job.locks.is_held(3)
 
 
+def copy_dirty(rig):
+    """Drive the opened rig's copier (the test is the job thread) until
+    nothing is dirty or in flight, completing every request."""
+    c = rig.job.copier
+    for _ in range(1000):
+        if c.converged():
+            return
+        c.pump(0)
+        rig.sched.complete_all()
+    raise AssertionError("the copier did not converge")
+
+
+def test_a_write_through_writes_the_source_while_the_target_write_is_out():
+    """The two halves side by side: the source half starts once the
+    target's write is sent, and the guest waits for both; the chunk stays
+    held until the target write completed."""
+    rig = opened_rig(queue_sync=True)       # the test completes the target
+    entered, release = threading.Event(), threading.Event()
+    source_pwrite = rig.src.pwrite
+
+    def slow_source(buf, offset, fua=False):
+        entered.set()
+        assert release.wait(5)
+        source_pwrite(buf, offset, fua)
+    rig.src.pwrite = slow_source
+    new = b"\x0c" * 4 * K
+    guest = threading.Thread(target=rig.guest.pwrite, args=(new, 2 * G),
+                             daemon=True)
+    guest.start()
+    target_write = rig.sched.wait_for((rig.tgt, "write"))[0]
+    assert entered.wait(5), "the source half did not start beside it"
+    release.set()
+    poll(lambda: rig.src.data[2 * G:2 * G + 4 * K] == new,
+         what="the source half")
+    assert guest.is_alive() and rig.job.locks.is_held(2)
+    rig.sched.complete(target_write)
+    guest.join(5)
+    assert not guest.is_alive() and not rig.job.locks.is_held(2)
+    assert rig.tgt.data[2 * G:2 * G + 4 * K] == new
+    assert dirty(rig) == [] and rig.job._through_bytes == 4 * K
+
+
 def test_a_failed_source_write_through_marks_dirty_and_fails_the_guest():
+    """The target half may land although the source half failed: the
+    range is dirty, and the copy puts the source's bytes back over it."""
     rig = opened_rig()
     rig.src.fail("write", errno.EIO)
     with pytest.raises(OSError) as e:
         rig.guest.pwrite(b"\x0a" * 100, 5 * G)
     assert e.value.errno == errno.EIO
-    assert dirty(rig) == [5]
-    assert rig.tgt.log == [] and not rig.job.locks.is_held(5)
+    assert dirty(rig) == [5] and not rig.job.locks.is_held(5)
+    assert rig.job._through_bytes == 0
+    copy_dirty(rig)
+    assert rig.tgt.data[5 * G:6 * G] == rig.src.data[5 * G:6 * G]
+
+
+def test_a_failed_source_write_through_is_undone_where_the_target_read_zero():
+    """The copier knew the target to read zero there: the target half
+    makes it forget that before it is sent, so the copy of the (zero)
+    source zeroes the guest's bytes away instead of skipping the chunk."""
+    rig = opened_rig(src_data=bytes(M), target_is_zero=True)
+    rig.tgt.data[:] = bytes(M)
+    assert rig.job.copier.target_zero.reads_zero(7, 8)
+
+    def refuse(buf, offset, fua=False):      # e.g. ENOSPC: nothing written
+        raise OSError(errno.ENOSPC, "no space")
+    rig.src.pwrite = refuse
+    with pytest.raises(OSError):
+        rig.guest.pwrite(b"\x0d" * 4 * K, 7 * G)
+    assert rig.tgt.data[7 * G:7 * G + 4 * K] == b"\x0d" * 4 * K
+    assert dirty(rig) == [7]
+    copy_dirty(rig)
+    assert rig.tgt.data == bytes(M)
 
 
 def test_a_write_through_after_the_job_ended_writes_the_source_only():

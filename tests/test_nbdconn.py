@@ -208,6 +208,43 @@ def test_give_up_hands_the_request_to_the_io_thread(connect, server):
     assert read(c, 4096, 0) == b"y" * 4096
 
 
+def test_meanwhile_runs_while_the_request_is_out(connect, server):
+    """call(meanwhile=...): meanwhile() runs once the request is sent,
+    without waiting for the answer (the server is stopped), and the call
+    returns only with the answer."""
+    c = connect()
+    seen = []
+    with frozen(server[1]):
+        t, outcome = in_thread(lambda: c.call(
+            lambda cb: c.h.aio_pwrite(b"m" * 4096, 0, completion=cb),
+            meanwhile=lambda: seen.append(len(c._pending))))
+        deadline_poll(lambda: seen, 5, "meanwhile() to run")
+        assert seen == [1]                  # its request was in flight
+        deadline_poll(lambda: c._poller == nbdconn.CALLER, 5,
+                      "the caller polling for the answer after it")
+        assert t.is_alive()
+    t.join(5)
+    assert outcome == [("ok", None)]
+    assert read(c, 4096, 0) == b"m" * 4096
+
+
+def test_a_meanwhile_that_raises_still_waits_for_the_answer(connect, server):
+    c = connect()
+
+    def source_half():
+        raise ValueError("the source write failed")
+    with frozen(server[1]):
+        t, outcome = in_thread(lambda: c.call(
+            lambda cb: c.h.aio_pwrite(b"n" * 4096, 0, completion=cb),
+            meanwhile=source_half))
+        deadline_poll(lambda: c._poller == nbdconn.CALLER, 5,
+                      "the caller polling for the answer")
+        assert t.is_alive()
+    e = raised_within(t, outcome, 5)
+    assert isinstance(e, ValueError), e
+    assert c._pending == {} and read(c, 4096, 0) == b"n" * 4096
+
+
 def test_an_idle_connection_notices_its_server_going(connect, server):
     """Nothing in flight, nobody polling: a server that exits is noticed
     at once, not at the next request."""
