@@ -260,13 +260,16 @@ class Job:
         """A write-blocking guest write: source and target, then answer.
 
         on_target(target, meanwhile) sends the target half and runs
-        meanwhile(), the source half, while it is in flight (a 4 KiB write
-        through to `nbdkit memory`: 6.2-6.9k writes a second one after the
-        other, 7.5-8.3k side by side; 4.6-5.1k and 6.6-6.9k on a file in
-        write-back).  QEMU's active mirror writes the target once the
-        source write succeeded; here a failed source write may leave the
-        target holding the new bytes, which is harmless: the range becomes
-        dirty and the copier copies the source's bytes over them.
+        meanwhile(), the source half, while it is in flight.  4 KiB random
+        writes to a freshly written file (each dirties a clean page) through
+        to `nbdkit memory`: 5.6-6.1k a second one half after the other,
+        7.9-8.7k side by side; where the source half is a page-cache hit of
+        microseconds, the same either way.  QEMU's active mirror writes the
+        target once the source write succeeded; here a failed source write
+        may leave the target holding the new bytes, which is harmless: the
+        range becomes dirty and the copier copies the source's bytes over
+        them (what the copier knew of the target there is forgotten before
+        the target half is sent).
 
         It holds its chunks, so no copy of them is in flight meanwhile (it
         waits for those to end) and none starts: a copy cannot read the
