@@ -27,6 +27,10 @@ How it is driven (FIELD-NOTES, "libnbd"):
     when it is the poller, watches an idle connection for a hang-up (a
     server that goes away between requests is noticed at once), and checks
     the timeouts whoever polls.
+  * libnbd reads a server's end in whichever thread drives the handle: a
+    request sent to a server already gone may end it in the sender's
+    thread.  Whoever sees the handle ended sets `dead` (_note_end), the
+    sender included; the I/O thread, idle, looks at every round.
   * A submission that leaves the handle wanting to write (a partial send)
     writes to the wake pipe, which every poller watches, so that whoever
     polls re-reads the direction and waits for POLLOUT too.
@@ -243,8 +247,10 @@ class NbdConnection:
         except nbd.Error as e:      # not sent: the callback will not run
             with self._lock:
                 self._pending.pop(key, None)
-            done(errno.ENOTCONN if self.h.aio_is_closed()
-                 or self.h.aio_is_dead() else errno_of(e))
+            ended = self.h.aio_is_closed() or self.h.aio_is_dead()
+            if ended:               # this send found the server gone
+                self._note_end()
+            done(errno.ENOTCONN if ended else errno_of(e))
         finally:
             with self._lock:
                 self._submitting -= 1
@@ -507,6 +513,11 @@ class NbdConnection:
             else:
                 # Idle (None): a hang-up is news; a caller polls: not ours.
                 ended = h.aio_is_closed() or h.aio_is_dead()
+                if ended:
+                    # The handle died in a thread that sent a request to a
+                    # server already gone, before this thread saw the
+                    # hang-up: `dead` must say so (the job reconnects on it).
+                    self._note_end()
                 self._watch(me, select.POLLRDHUP
                             if role is None and not ended else 0)
                 for f, ev in me["poll"].poll(int(POLL_INTERVAL * 1000)):

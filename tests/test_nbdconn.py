@@ -258,6 +258,26 @@ def test_an_idle_connection_notices_its_server_going(connect, server):
     assert e.value.errno == errno.ENOTCONN
 
 
+def test_an_end_found_by_another_thread_is_reported(connect, server):
+    """libnbd finds a server gone in whichever thread drives the handle:
+    under load, the job thread's next send can read the hang-up before the
+    I/O thread does, which then sees an ended handle and no socket to
+    watch.  `dead` must say so all the same: the job reconnects on it
+    (seen as a job that never reported TARGET_DISCONNECTED)."""
+    c = connect()                        # nothing sent: no I/O thread yet
+    server[1].kill()
+    server[1].wait(5)
+    c.h.aio_notify_read()                # this thread reads the end
+    assert c.h.aio_is_closed() or c.h.aio_is_dead()
+    assert c.dead is None
+    c.start()
+    deadline_poll(lambda: c.dead is not None, 5, "the end reported")
+    answered = []
+    c.submit(lambda cb: c.h.aio_pwrite(b"x" * 4096, 0, completion=cb),
+             answered.append)
+    assert answered == [errno.ENOTCONN]
+
+
 def test_a_unix_socket_connection_sends_a_copier_write_at_once(connect):
     """The send buffer holds several of the copier's requests (Linux's
     default holds less than one); the test runs as root, which may go past
