@@ -29,7 +29,7 @@ How it is driven (FIELD-NOTES, "libnbd"):
     the timeouts whoever polls.
   * libnbd reads a server's end in whichever thread drives the handle: a
     request sent to a server already gone may end it in the sender's
-    thread.  Whoever sees the handle ended sets `dead` (_note_end), the
+    thread.  Whoever sees the handle ended sets `dead` (_ended), the
     sender included; the I/O thread, idle, looks at every round.
   * A submission that leaves the handle wanting to write (a partial send)
     writes to the wake pipe, which every poller watches, so that whoever
@@ -247,10 +247,8 @@ class NbdConnection:
         except nbd.Error as e:      # not sent: the callback will not run
             with self._lock:
                 self._pending.pop(key, None)
-            ended = self.h.aio_is_closed() or self.h.aio_is_dead()
-            if ended:               # this send found the server gone
-                self._note_end()
-            done(errno.ENOTCONN if ended else errno_of(e))
+            # this send may be what found the server gone
+            done(errno.ENOTCONN if self._ended() else errno_of(e))
         finally:
             with self._lock:
                 self._submitting -= 1
@@ -456,14 +454,10 @@ class NbdConnection:
         """One round of the poll loop, by the thread that is the poller:
         wait up to `timeout` s for what the handle wants (or a wake), then
         let libnbd read or write; completions run here."""
-        h = self.h
-        ended = h.aio_is_closed() or h.aio_is_dead()
-        d = 0 if ended else h.aio_get_direction()
+        d = 0 if self._ended() else self.h.aio_get_direction()
         self._watch(poller,
                     (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) |
                     (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0))
-        if ended:
-            self._note_end()
         for f, ev in poller["poll"].poll(int(timeout * 1000)):
             if f == self._wake_r:
                 self._drain_wakes()
@@ -499,7 +493,6 @@ class NbdConnection:
         """The I/O thread: polls the handle while it is the poller; else
         watches an idle connection for a hang-up, and the wake pipe."""
         _like_the_process()
-        h = self.h
         me = self._new_poll()
         while not self._stop:
             with self._lock:
@@ -512,12 +505,9 @@ class NbdConnection:
                         self._poller = None     # idle: the next caller polls
             else:
                 # Idle (None): a hang-up is news; a caller polls: not ours.
-                ended = h.aio_is_closed() or h.aio_is_dead()
-                if ended:
-                    # The handle died in a thread that sent a request to a
-                    # server already gone, before this thread saw the
-                    # hang-up: `dead` must say so (the job reconnects on it).
-                    self._note_end()
+                # The handle may have ended in a thread that sent a request
+                # to a server already gone, before this one saw the hang-up.
+                ended = self._ended()
                 self._watch(me, select.POLLRDHUP
                             if role is None and not ended else 0)
                 for f, ev in me["poll"].poll(int(POLL_INTERVAL * 1000)):
@@ -531,6 +521,15 @@ class NbdConnection:
                     if mine:
                         self._notify(ev)
             self._check_timeouts()
+
+    def _ended(self):
+        """True if the handle has ended (closed or dead), and then `dead`
+        says so, whichever thread found the end (the job reconnects on
+        it)."""
+        if not (self.h.aio_is_closed() or self.h.aio_is_dead()):
+            return False
+        self._note_end()
+        return True
 
     def _note_end(self):
         with self._lock:
