@@ -32,8 +32,10 @@ Who calls what:
     abandon, start_flush, target_lost, set_speed, back_off, converged,
     busy, throttled;
   * any thread: wake, guest_wrote, progress;
-  * a write-through guest write, for the chunks it holds: written_through,
-    and unflushed.wrote() once its target write completed.
+  * a write-through guest write, for the chunks it holds:
+    writing_through (before its target write is sent), written_through
+    (once its source write succeeded), and unflushed.wrote() once its
+    target write completed.
 """
 
 import collections
@@ -191,13 +193,16 @@ class Copier:
         self.cache.invalidate(offset, length)
         self.bitmap.mark(offset, length)
 
-    def written_through(self, offset, length):
+    def writing_through(self, offset, length):
         """A write-through guest write, holding the chunks of [offset,
-        offset+length) in `locks`, is about to write the target (what the
-        target held there is no longer known), and again once its source
-        write completed (the source's extents there changed)."""
-        self.cache.invalidate(offset, length)
+        offset+length) in `locks`, is about to write the target: what the
+        target held there is no longer known."""
         self.target_zero.forget(*self.bitmap.chunk_range(offset, length))
+
+    def written_through(self, offset, length):
+        """That write's source half succeeded: the source's extents there
+        changed (a failed one goes through guest_wrote)."""
+        self.cache.invalidate(offset, length)
 
     def progress(self):
         """(bytes done, bytes in flight)."""

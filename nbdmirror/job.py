@@ -291,7 +291,7 @@ class Job:
                 except BaseException as e:   # noqa: BLE001 - raised below
                     source.append((False, e))
 
-            self.copier.written_through(offset, length)
+            self.copier.writing_through(offset, length)
             try:
                 on_target(self.target, write_source)
                 target_ok = True
