@@ -108,9 +108,13 @@ def test_unknown_job_is_refused_with_qemus_words(rig):
 
 def test_job_is_not_busy_while_throttled_to_a_tiny_speed(rig):
     r = rig()
-    ok(r.mirror(speed=4096))          # one 64K chunk every 16 s
+    # Under a speed limit the copier sends pieces of speed/20 bytes, 4 KiB
+    # at least: at 1 byte/s, one 4 KiB piece and then nothing for an hour.
+    # (At 4096 bytes/s a piece goes out every second, and a sample that
+    # meets one in flight rightly says busy.)
+    ok(r.mirror(speed=1))
     r.log.wait("JOB_STATUS_CHANGE", "running")
-    # Past the first chunk (or 2 s without one): the job now sleeps.
+    # Past the first piece (or 2 s without one): the job now sleeps.
     deadline = time.monotonic() + 2
     while r.block_job()["offset"] == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
