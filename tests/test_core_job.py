@@ -267,6 +267,9 @@ def test_guest_writes_racing_the_copier_never_overlap_on_the_target(
     size = M + 5 * K
     rig = rigs(size=size, seed=seed, copy_mode=copy_mode, queue_sync=True,
                granularity=16 * K, buf_size=96 * K).start()
+    # Writes before the job tracks them race nothing (the scan copies
+    # them); they could all be over by then.
+    poll(lambda: rig.guest.mirror is rig.job)
     stop_at = time.monotonic() + 5           # a bound, not a pace
 
     def writer(n):
@@ -390,3 +393,4 @@ def test_the_job_thread_copies_at_a_lower_cpu_priority(rigs):
     assert _nice(rig.job._thread.native_id) == \
         min(19, base + job_mod.COPIER_NICE)
     assert _nice(threading.get_native_id()) == base
+
