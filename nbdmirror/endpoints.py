@@ -105,7 +105,7 @@ class Endpoint:
     def abort(self):
         """Nothing is ever left in flight."""
 
-    def reconnect(self, timeout, give_up=None):
+    def reconnect(self, timeout, give_up=None, start_io=None):
         raise EndpointError(f"{self.uri}: cannot reconnect")
 
     def start_io(self):
@@ -114,6 +114,10 @@ class Endpoint:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.uri!r})"
+
+
+def _here(fn):
+    return fn()
 
 
 def _runs(offset, entries):
@@ -174,17 +178,22 @@ class NbdEndpoint(Endpoint):
         except ConnectError as e:
             raise EndpointError(str(e)) from None
 
-    def reconnect(self, timeout, give_up=None):
+    def reconnect(self, timeout, give_up=None, start_io=None):
         """Replace a lost connection with a new one to the same server
         (the job thread, after `dead`).  Requests sent meanwhile fail on
         the old one; later ones use the new one.  EndpointError if the
-        server cannot be reached or no longer serves the same size."""
+        server cannot be reached or no longer serves the same size.
+
+        start_io(fn) runs fn in a thread whose CPU priority the new
+        connection's I/O thread is to inherit (priority.Starter.call); by
+        default it is started from this thread."""
         conn = self._connect(timeout, give_up)
         size = conn.h.get_size()
         if size != self.size:
             conn.close()
             raise EndpointError(f"{self.uri}: size changed from {self.size} "
                                 f"to {size}")
+        (start_io or _here)(conn.start)
         old, self.conn = self.conn, conn
         self._learn()
         old.close()

@@ -46,11 +46,11 @@ Bounds (issue "work with NBD servers as people run them"):
 """
 
 import errno
-import os
 import threading
 import time
 import traceback
 
+from . import priority
 from .activitylog import NO_LOG
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
@@ -108,6 +108,7 @@ class Job:
         self.persist = persist or NO_LOG
         self.persist.attach(self.bitmap, self.locks)
         self._checkpoint_flush = None    # (token, [errno]) in flight
+        self._starter = None             # priority.Starter, in run()
         self._periodic_flush = False     # _flush_now_and_then in flight
         self.copier = Copier(
             self.bitmap, source, target, sync=opts.sync,
@@ -358,11 +359,12 @@ class Job:
         try:
             # A thread inherits its creator's priority: the connections'
             # I/O threads, which serve guest requests too, start before
-            # this one lowers its own (nbdconn.py also raises theirs
-            # where it may).
+            # this one lowers its own, and a reconnected target's through
+            # a Starter made before then (priority.py).
             self.source.start_io()
             self.target.start_io()
-            _nicer(COPIER_NICE)
+            self._starter = priority.Starter("nbdmirror-starter")
+            priority.nicer(COPIER_NICE)
             self._open()                 # `running`: tracking on
             self._advance(S.RUNNING)
             if not self.persist.resumed:     # persistent bitmap: no scan
@@ -388,6 +390,8 @@ class Job:
             self.persist.job_ended(self._outcome(), self.target,
                                    self.source)
             self.locks.abandon()
+            if self._starter is not None:
+                self._starter.close()
             if not self.pivoted:
                 self.target.close()
             elif old_source is not None:
@@ -609,7 +613,7 @@ class Job:
             try:
                 self.target.reconnect(
                     max(0.1, min(self._connect_timeout, left)),
-                    give_up=self._aborting)
+                    give_up=self._aborting, start_io=self._starter.call)
             except EndpointError:
                 self._next_attempt = time.monotonic() + self._attempt_wait
                 self._attempt_wait = min(self._attempt_wait * 2,
@@ -808,14 +812,3 @@ class Job:
                     else "failed"
                 self.state.pause_on_error()
         self.copier.wake()           # the loop looks at the new action now
-
-
-def _nicer(step):
-    """Lower the calling thread's CPU priority by `step` (on Linux a thread
-    has a nice value of its own); where it cannot, it stays as it is."""
-    try:
-        tid = threading.get_native_id()
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + step))
-    except OSError:
-        pass

@@ -63,7 +63,7 @@ import time
 
 import nbd
 
-from . import tls
+from . import priority, tls
 
 POLL_INTERVAL = 0.25     # seconds between the I/O thread's timeout checks
 CALLER_POLL = 0.1        # seconds between a polling caller's give_up checks
@@ -116,20 +116,6 @@ def _widen_send_buffer(fd):
                 return
     finally:
         s.close()
-
-
-def _like_the_process():
-    """The calling thread runs at the process's CPU priority, not at that
-    of the thread that started it (threads inherit their creator's nice
-    value, and the job's thread runs nicer: job.COPIER_NICE).  Raising a
-    priority needs privilege; without it, it stays as it is."""
-    try:
-        tid = threading.get_native_id()
-        nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
-        if os.getpriority(os.PRIO_PROCESS, tid) > nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError:
-        pass
 
 
 class NbdConnection:
@@ -492,7 +478,7 @@ class NbdConnection:
     def _run(self):
         """The I/O thread: polls the handle while it is the poller; else
         watches an idle connection for a hang-up, and the wake pipe."""
-        _like_the_process()
+        priority.like_the_process()
         me = self._new_poll()
         while not self._stop:
             with self._lock:

@@ -394,3 +394,24 @@ def test_the_job_thread_copies_at_a_lower_cpu_priority(rigs):
         min(19, base + job_mod.COPIER_NICE)
     assert _nice(threading.get_native_id()) == base
 
+
+def test_a_reconnected_target_starts_its_io_at_the_process_priority(rigs):
+    """The job thread, nicer, cannot start a thread at the process's
+    priority where it may not raise one (unprivileged): a target's new
+    connection starts its I/O thread through the job's Starter."""
+    rig = rigs()
+    started_at = []
+
+    def reconnect(timeout, give_up=None, start_io=None):
+        run = start_io or (lambda fn: fn())
+        started_at.append(run(lambda: _nice(threading.get_native_id())))
+        rig.tgt.dead = None
+    rig.tgt.reconnect = reconnect
+    rig.start()
+    rig.wait_event("BLOCK_JOB_READY")
+    base = _nice(threading.get_native_id())
+    rig.tgt.abort("lost")
+    rig.wait_event("TARGET_RECONNECTED")
+    assert started_at == [base]
+    assert _nice(rig.job._thread.native_id) == \
+        min(19, base + job_mod.COPIER_NICE)
