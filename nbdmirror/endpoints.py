@@ -33,12 +33,15 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import nbd
 
 from .errors import EndpointError  # noqa: F401 - raised here, named by callers
-from .nbdconn import ConnectError, NbdConnection, errno_of  # noqa: F401
+from .nbdconn import LOST, ConnectError, NbdConnection, errno_of  # noqa: F401
 from .options import is_nbd_uri
 
 HOLE = nbd.STATE_HOLE
@@ -47,6 +50,7 @@ BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
 MAX_STATUS = 1 << 30            # block status window per request
 ZEROES = bytes(1 << 20)         # source of zero writes
+HEAL_MIN, HEAL_MAX = 0.1, 2.0   # seconds between a healer's attempts
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class Endpoint:
     def reconnect(self, timeout, give_up=None, start_io=None):
         raise EndpointError(f"{self.uri}: cannot reconnect")
 
+    def heal(self, delay):
+        """Make a lost connection again by itself from now on (a file has
+        none to lose)."""
+
     def start_io(self):
         """Start serving requests from a thread of this thread's priority
         (an NBD connection's I/O thread); nothing to do for a file."""
@@ -165,6 +173,13 @@ class NbdEndpoint(Endpoint):
             else (BASE_ALLOCATION,)
         self._readonly = readonly
         self._io_timeout = io_timeout
+        self._connect_timeout = connect_timeout
+        # heal(): all under _heal_cond.
+        self._heal_cond = threading.Condition()
+        self._heal_delay = None          # seconds; None: do not heal
+        self._lost_at = None             # when a request found it lost
+        self._healer = None              # the thread that reconnects
+        self._closing = False
         self.conn = self._connect(connect_timeout)
         self.size = self.conn.h.get_size()
         self._learn()
@@ -180,8 +195,9 @@ class NbdEndpoint(Endpoint):
 
     def reconnect(self, timeout, give_up=None, start_io=None):
         """Replace a lost connection with a new one to the same server
-        (the job thread, after `dead`).  Requests sent meanwhile fail on
-        the old one; later ones use the new one.  EndpointError if the
+        (the job thread, after `dead`; after a pivot, the healer).
+        Requests sent meanwhile fail on the old one; later ones use the new
+        one.  EndpointError if the
         server cannot be reached or no longer serves the same size.
 
         start_io(fn) runs fn in a thread whose CPU priority the new
@@ -220,8 +236,82 @@ class NbdEndpoint(Endpoint):
         conn.submit(lambda cb: send(conn.h, cb), done)
 
     def _call(self, send, give_up=None, meanwhile=None):
-        conn = self.conn
-        conn.call(lambda cb: send(conn.h, cb), give_up, meanwhile)
+        while True:
+            conn = self.conn
+            try:
+                return conn.call(lambda cb: send(conn.h, cb), give_up,
+                                 meanwhile)
+            except OSError as e:
+                # A request with a meanwhile() (a write-through's, before
+                # a pivot) is never sent twice: meanwhile() ran already.
+                lost = conn.dead is not None or e.errno in LOST
+                if not lost or meanwhile is not None or \
+                        not self._healed(conn, conn.dead or e.strerror):
+                    raise
+
+    # -- heal (the guest's backend after a pivot) ---------------------------
+    def heal(self, delay):
+        """From now on, a lost connection is made again, as QEMU's NBD
+        client does with its reconnect-delay: a healer thread reconnects,
+        with back-off, for as long as the endpoint is open.  A synchronous
+        request that finds the connection lost waits for the new one for up
+        to `delay` seconds after the loss, then is sent again on it; past
+        that, requests fail at once (with the loss's error) until it is
+        back.  A request is sent again only if it failed because its
+        connection was lost: it was not answered, and NBD requests may be
+        repeated.  delay 0: never heal."""
+        with self._heal_cond:
+            self._heal_delay = delay or None
+
+    def _healed(self, lost, why):
+        """The connection `lost` was found lost (`why`): True once another
+        one replaced it, False if none did in time (or heal is off, or the
+        endpoint closes)."""
+        with self._heal_cond:
+            if self._heal_delay is None or self._closing:
+                return False
+            if self.conn is not lost:
+                return True          # replaced already: send it again
+            if self._lost_at is None:
+                self._lost_at = time.monotonic()
+                print(f"nbdmirror: {self.uri}: connection lost ({why}); "
+                      f"reconnecting", file=sys.stderr, flush=True)
+            if self._healer is None:
+                self._healer = threading.Thread(
+                    target=self._heal_loop, daemon=True,
+                    name=f"nbdmirror-heal-{self.uri}")
+                self._healer.start()
+            deadline = self._lost_at + self._heal_delay
+            while self.conn is lost and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._heal_cond.wait(left)
+            return self.conn is not lost and not self._closing
+
+    def _heal_loop(self):
+        """The healer: reconnect until it worked or the endpoint closes."""
+        wait = HEAL_MIN
+        while True:
+            try:
+                self.reconnect(self._connect_timeout,
+                               give_up=lambda: self._closing)
+            except (EndpointError, OSError, nbd.Error):
+                with self._heal_cond:
+                    if self._closing or self._heal_cond.wait_for(
+                            lambda: self._closing, wait):
+                        self._healer = None
+                        return
+                wait = min(2 * wait, HEAL_MAX)
+                continue
+            with self._heal_cond:
+                down = time.monotonic() - self._lost_at
+                self._lost_at = None
+                self._healer = None
+                self._heal_cond.notify_all()
+            print(f"nbdmirror: {self.uri}: reconnected after {down:.1f} s",
+                  file=sys.stderr, flush=True)
+            return
 
     # -- async (the copier) ---------------------------------------------
     def aio_read(self, view, offset, done):
@@ -332,6 +422,12 @@ class NbdEndpoint(Endpoint):
         self.conn.kill("abandoned")
 
     def close(self):
+        with self._heal_cond:
+            self._closing = True
+            self._heal_cond.notify_all()
+            healer = self._healer
+        if healer is not None:
+            healer.join()            # its attempt gives up within 0.1 s
         self.conn.close()
 
 

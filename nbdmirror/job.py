@@ -57,6 +57,7 @@ from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
 from .errors import EndpointError, JobError
 from .jobstate import Action, JobState, Status
+from .nbdconn import LOST
 
 S = Status
 ABORT_GRACE = 1.0       # seconds an abort waits for in-flight requests
@@ -81,10 +82,6 @@ RATE_INTERVAL = 0.5     # seconds between copy rate samples
 ERROR_EVENT_INTERVAL = 0.1   # BLOCK_JOB_ERROR at most this often (`ignore`)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0   # `ignore` retries, doubling
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0   # between reconnect attempts
-# How a request fails when its connection is lost (nbdconn: ENOTCONN, or
-# ETIMEDOUT after a timeout dropped it).
-LOST = {errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EPIPE,
-        errno.ESHUTDOWN}
 
 
 class Job:
@@ -743,6 +740,8 @@ class Job:
             self.persist.pivoting()
             old = self.guest.switch_backend(self.target)
             self.pivoted = True
+            # The guest's disk now: a lost connection is made again.
+            self.target.heal(self.reconnect_delay)
             self.persist.pivoted()
             return old
         self.guest.set_mirror(None)

@@ -69,6 +69,12 @@ POLL_INTERVAL = 0.25     # seconds between the I/O thread's timeout checks
 CALLER_POLL = 0.1        # seconds between a polling caller's give_up checks
 CLOSE_GRACE = 1.0        # seconds a polite disconnect may take at close
 IO, CALLER = "io", "caller"     # who polls (_poller)
+# How a request fails when its connection is lost: ENOTCONN (libnbd's, for
+# a handle that ended; the request may end before anyone noted `dead`), or
+# ETIMEDOUT after a timeout dropped it; none of them is an answer of the
+# server's, except ESHUTDOWN: the server is going away.
+LOST = frozenset({errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNRESET,
+                  errno.EPIPE, errno.ESHUTDOWN})
 # The send buffer of a unix socket connection, at least (the kernel doubles
 # what it is asked for).  Linux's default, 208 KiB, holds less than one of
 # the copier's 256 KiB writes, so each one was sent in pieces, by the I/O

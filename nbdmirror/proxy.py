@@ -133,6 +133,7 @@ class Proxy:
                               f"{target.size}")
         if bfile.state != bitmapfile.PIVOTED:
             bfile.set_state(bitmapfile.PIVOTED)
+        target.heal(job_opts.reconnect_delay)
         self.guest = GuestIO(target)
         print(f"nbdmirror: bitmap {bfile.path}: the job pivoted; serving "
               f"its target {target.uri} (no job)", file=sys.stderr,

@@ -341,6 +341,7 @@ class FakeEndpoint:
         self.zero_native = zero_native
         self.has_depth = has_depth
         self.dead = None
+        self.heal_delay = None           # heal(delay) was called
         self.closed = False
         self.durable = bytes(self.data)
         self.flushes = []                # errno of each flush, in order
@@ -372,6 +373,10 @@ class FakeEndpoint:
     # -- asynchronous requests ------------------------------------------------
     def start_io(self):
         pass
+
+    def heal(self, delay):
+        """As NbdEndpoint.heal(): here only noted."""
+        self.heal_delay = delay
 
     def aio_read(self, view, offset, done):
         self._submit("read", offset, len(view), view, done)

@@ -163,6 +163,8 @@ def test_complete_pivots_only_after_the_final_flush_succeeded(rigs):
     assert "error" not in done
     assert rig.guest.backend is rig.tgt and rig.job.pivoted
     assert rig.src.closed and not rig.tgt.closed
+    # The guest's disk now: a lost connection is made again.
+    assert rig.tgt.heal_delay == rig.opts.reconnect_delay > 0
     [facts] = rig.pivot_facts
     assert settled(facts) == SETTLED
     assert facts["gate_closed"] and facts["flushes"] == [0, 0, 0]
@@ -209,6 +211,7 @@ def test_soft_cancel_after_ready_leaves_the_target_in_sync_without_pivot(
     assert "error" not in done and not rig.job.pivoted
     assert rig.guest.backend is rig.src and rig.guest.mirror is None
     assert rig.tgt.durable == rig.src.data
+    assert rig.tgt.heal_delay is None
 
 
 # -- abort --------------------------------------------------------------------

@@ -305,6 +305,30 @@ def test_after_a_pivot_a_restart_serves_the_target(workdir, procs, qmp):
     assert read(r.tgt) == bytes(r.shadow)
 
 
+def test_after_a_pivot_a_restart_serves_the_target_and_reconnects_to_it(
+        workdir, procs, qmp):
+    """Served after a restart, the target is the guest's disk as after
+    the pivot itself: a lost connection is made again (reconnect-delay)."""
+    r = Rig(workdir, procs, qmp)
+    r.start(reconnect_delay=20)
+    r.ready()
+    r.complete()
+    r.stop("sigkill")
+    r.start(reconnect_delay=20)
+    assert "the job pivoted; serving its target" in \
+        procs.output(r.proxy.proc)
+    server = next(p for p in procs.procs if p.name == "qemu-nbd")
+    procs.kill(server, signal.SIGKILL)
+    server.wait(10)
+    procs.procs.remove(server)
+    (workdir / "tgt.sock").unlink()
+    qemu_nbd(procs, r.tgt, workdir / "tgt.sock")
+    guest_write(r.proxy.uri, r.shadow, (3 * M, 4 * K, 0x73))
+    assert "reconnected after" in procs.output(r.proxy.proc)
+    r.stop("quit")
+    assert read(r.tgt) == bytes(r.shadow)
+
+
 def test_after_a_pivot_another_target_is_refused(workdir, procs, qmp):
     r = Rig(workdir, procs, qmp)
     r.start()

@@ -2,6 +2,9 @@
 again what was dirty or in flight, and what the target had not flushed
 (INTERFACE §4b; nbdmirror/unflushed.py).
 
+After a pivot the target is the guest's disk: a lost connection is made
+again, and a guest request waits for it up to reconnect-delay.
+
 The target is killed (SIGKILL) and started again on the same socket and
 file.  A qemu-nbd on a raw file keeps what it acknowledged (the page cache
 outlives the process); tests/plugins/file_target.py with volatile=1 loses every write
@@ -9,8 +12,11 @@ since its last flush, as NBD allows a server to.
 """
 
 import signal
+import subprocess
+import threading
 import time
 
+import nbd
 import pytest
 
 from helpers import (EventLog, assert_holds, guest_write, job_status,
@@ -71,9 +77,13 @@ class Rig:
                        device="mirror0"))
         done = self.log.wait("BLOCK_JOB_COMPLETED")
         assert "error" not in done["data"], done
+        self.check()
+        return done
+
+    def check(self):
+        """The guest's view and the target hold what the guest wrote."""
         assert_holds(self.proxy.uri, bytes(self.shadow), "guest view")
         assert_holds(self.target, bytes(self.shadow), "target")
-        return done
 
 
 def wait_copied(rig, least):
@@ -194,3 +204,103 @@ def test_force_cancel_during_a_stalled_reconnect_ends_within_5s(
     finally:
         procs.kill(proc, signal.SIGCONT)
     assert_holds(rig.proxy.uri, bytes(rig.shadow), "guest on source")
+
+
+# -- after a pivot: the guest's disk -------------------------------------------
+
+def pivoted(rig):
+    """Ready, completed: the proxy serves the guest from the target."""
+    rig.log.wait("BLOCK_JOB_READY", timeout=30)
+    rig.complete_and_check()
+    h = nbd.NBD()
+    h.connect_uri(rig.proxy.uri)            # a guest that stays connected
+    return h
+
+
+def write_in_thread(h, payload, offset):
+    """h.pwrite in a thread: (thread, outcome), outcome ["ok"] or [error]
+    once it ended."""
+    outcome = []
+
+    def write():
+        try:
+            h.pwrite(payload, offset)
+            outcome.append("ok")
+        except nbd.Error as e:
+            outcome.append(e)
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return t, outcome
+
+
+def wait_in_log(proc, text, timeout=15):
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(proc.log, errors="replace") as f:
+            if text in f.read():
+                return
+        assert time.monotonic() < deadline, f"no {text!r} in {proc.log}"
+        time.sleep(0.02)
+
+
+def test_after_a_pivot_a_guest_write_waits_for_a_restarted_target(
+        workdir, procs, qmp):
+    rig = Rig(workdir, procs, qmp, reconnect_delay=20)
+    h = pivoted(rig)
+    try:
+        rig.kill_target()
+        payload = b"\x6b" * 65536
+        t, outcome = write_in_thread(h, payload, 9 * MiB + 512)
+        # The write found the connection lost and waits (not failed).
+        wait_in_log(rig.proxy.proc, "connection lost")
+        assert outcome == []
+        rig.restart_target()
+        t.join(20)
+        assert outcome == ["ok"]
+        rig.shadow[9 * MiB + 512:9 * MiB + 512 + len(payload)] = payload
+        wait_in_log(rig.proxy.proc, "reconnected after")
+        h.flush()
+        rig.check()
+    finally:
+        h.shutdown()
+
+
+def test_after_a_pivot_a_target_away_past_the_delay_fails_requests_till_back(
+        workdir, procs, qmp):
+    rig = Rig(workdir, procs, qmp, reconnect_delay=1)
+    h = pivoted(rig)
+    try:
+        rig.kill_target()
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"\x11" * 4096, 0)         # past the 1 s: an error
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 0)                    # and the next at once
+        rig.restart_target()
+        # The proxy reconnected by itself: requests work again.
+        wait_in_log(rig.proxy.proc, "reconnected after")
+        h.pwrite(b"\x22" * 4096, 0)
+        rig.shadow[0:4096] = b"\x22" * 4096
+        h.flush()
+        rig.check()
+    finally:
+        h.shutdown()
+
+
+def test_after_a_pivot_sigterm_while_a_guest_waits_for_the_target_exits_in_5s(
+        workdir, procs, qmp):
+    """A guest write waits for a target that does not come back (delay 60
+    s): SIGTERM still ends the proxy within 5 s (the write is never
+    answered: the guest sees the server go, as after a crash)."""
+    rig = Rig(workdir, procs, qmp, reconnect_delay=60)
+    h = pivoted(rig)
+    rig.kill_target()
+    t, outcome = write_in_thread(h, b"\x33" * 4096, 0)
+    wait_in_log(rig.proxy.proc, "connection lost")
+    procs.kill(rig.proxy.proc, signal.SIGTERM)
+    try:
+        rc = rig.proxy.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the proxy still runs 5 s after SIGTERM")
+    assert rc == 0, rig.proxy.proc.log
+    t.join(5)
+    assert len(outcome) == 1 and outcome != ["ok"], outcome
