@@ -265,6 +265,32 @@ def test_after_a_pivot_a_guest_write_waits_for_a_restarted_target(
         h.shutdown()
 
 
+def test_after_a_pivot_a_stopped_target_is_dropped_then_reconnected(
+        workdir, procs, qmp):
+    """SIGSTOP: the guest's write times out (io-timeout), the connection
+    is dropped, and the write waits for a new one; SIGCONT: the server
+    answers the healer's handshake and the write goes through."""
+    rig = Rig(workdir, procs, qmp, io_timeout=1, reconnect_delay=20)
+    h = pivoted(rig)
+    server = next(p for p in procs.procs if p.name == "qemu-nbd")
+    try:
+        procs.kill(server, signal.SIGSTOP)
+        payload = b"\x5e" * 4096
+        t, outcome = write_in_thread(h, payload, 21 * MiB)
+        wait_in_log(rig.proxy.proc, "connection lost")
+        assert outcome == []
+    finally:
+        procs.kill(server, signal.SIGCONT)
+    t.join(20)
+    try:
+        assert outcome == ["ok"]
+        rig.shadow[21 * MiB:21 * MiB + len(payload)] = payload
+        h.flush()
+        rig.check()
+    finally:
+        h.shutdown()
+
+
 def test_after_a_pivot_a_target_away_past_the_delay_fails_requests_till_back(
         workdir, procs, qmp):
     rig = Rig(workdir, procs, qmp, reconnect_delay=1)
