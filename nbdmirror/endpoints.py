@@ -21,6 +21,9 @@ The interface (Endpoint):
     aio_flush.  Each calls done(errno) exactly once (0: success), maybe in
     another thread, maybe before it returns; they never raise.
   * abort(): requests in flight end now, with an error; close().
+  * reconnect() (the job, after `dead`) and heal() (the guest's disk after
+    a pivot: a lost connection is made again by itself); a file has no
+    connection to lose.
 
 check_job() holds a job's preconditions, checked on the endpoints the job
 will use (no throw-away connection).
