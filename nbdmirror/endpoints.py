@@ -200,8 +200,8 @@ class NbdEndpoint(Endpoint):
         """Replace a lost connection with a new one to the same server
         (the job thread, after `dead`; after a pivot, the healer).
         Requests sent meanwhile fail on the old one; later ones use the new
-        one.  EndpointError if the
-        server cannot be reached or no longer serves the same size.
+        one.  EndpointError if the server cannot be reached or no longer
+        serves the same size.
 
         start_io(fn) runs fn in a thread whose CPU priority the new
         connection's I/O thread is to inherit (priority.Starter.call); by
