@@ -8,12 +8,15 @@ must end equal to a shadow of everything QEMU wrote.  Targets: qemu-nbd
 serving any number of clients, and qemu-nbd with its defaults (one client).
 """
 
+import signal
+import threading
+
 import pytest
 
 from helpers import (EventLog, job_status, make_image, ok, qemu_img_compare,
                      qmp_execute, random_bytes, start_proxy)
-from servers import (QemuGuest, read_file, start_target, wait_closed,
-                     write_file)
+from servers import (QemuGuest, deadline_poll, read_file, start_target,
+                     wait_closed, write_file)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,6 +77,64 @@ def test_qemu_guest_writes_through_copy_ready_pivot_and_after(
           f"read -P 0x12 {15 * MiB + 512} 65536")
     assert read_file(src, after[0], after[1]) != bytes([0x66]) * after[1], \
         "a write after the pivot reached the source"
+
+    assert vm.quit() == 0
+    procs.stop(proxy.proc)
+    wait_closed(target.sock)
+    procs.stop(target.proc)
+    expected = write_file(workdir / "shadow.img", bytes(shadow))
+    assert qemu_img_compare(tgt_img, expected) == 0, \
+        "target file differs from what QEMU wrote"
+
+
+def test_qemu_guest_keeps_its_disk_when_the_target_restarts_after_the_pivot(
+        workdir, procs, qmp):
+    """After the pivot the target is QEMU's disk.  It dies (SIGKILL) and is
+    started again as people run it (qemu-nbd, its defaults): QEMU's writes
+    sent meanwhile wait for the proxy to reconnect, then land."""
+    src = make_image(workdir / "src.img", SIZE, seed=43)
+    shadow = bytearray(random_bytes(43, SIZE))
+    tgt_img = make_image(workdir / "tgt.img", SIZE)
+    sock = workdir / "tgt.sock"
+    target = start_target(procs, "qemu-nbd-defaults", tgt_img, sock)
+    proxy = start_proxy(procs, src, workdir / "g.sock", workdir / "qmp.sock",
+                        target=target.uri, reconnect_delay=30)
+    log = EventLog(qmp(proxy.control))
+    vm = QemuGuest(procs, qmp, proxy.socket, workdir / "vm.sock")
+    w = Writes(shadow)
+    log.wait("BLOCK_JOB_READY", timeout=30)
+    ok(qmp_execute(log.client, "block-job-complete", device=JOB))
+    done = log.wait("BLOCK_JOB_COMPLETED", timeout=30)
+    assert "error" not in done["data"], done
+    vm.io(w(MiB + 7, 70000, 0x41, "aio_write"), "aio_flush")
+
+    procs.kill(target.proc, signal.SIGKILL)
+    target.proc.wait(10)
+    procs.procs.remove(target.proc)
+    sock.unlink()
+    # Sent while the target is away, the write waits for the reconnect.
+    # (HMP's qemu-io on a node drains its requests before it returns: the
+    # monitor waits with it, so it runs in a thread.)
+    writes = [w(3 * MiB, 131072, 0x42), w(11 * MiB + 1, 4096, 0x43)]
+    outcome = []
+
+    def write():
+        try:
+            vm.io(*writes)
+            outcome.append("ok")
+        except Exception as e:          # noqa: BLE001 - the test looks
+            outcome.append(e)
+    waiting = threading.Thread(target=write, daemon=True)
+    waiting.start()
+    deadline_poll(lambda: "connection lost" in procs.output(proxy.proc), 15,
+                  "the proxy meeting the lost target")
+    assert waiting.is_alive()
+    target = start_target(procs, "qemu-nbd-defaults", tgt_img, sock)
+    waiting.join(30)
+    assert outcome == ["ok"]
+    vm.io("aio_flush", f"read -P 0x42 {3 * MiB} 131072",
+          f"read -P 0x43 {11 * MiB + 1} 4096",
+          f"read -P 0x41 {MiB + 7} 70000")
 
     assert vm.quit() == 0
     procs.stop(proxy.proc)
