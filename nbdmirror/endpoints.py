@@ -293,13 +293,18 @@ class NbdEndpoint(Endpoint):
             return self.conn is not lost and not self._closing
 
     def _heal_loop(self):
-        """The healer: reconnect until it worked or the endpoint closes."""
-        wait = HEAL_MIN
+        """The healer: reconnect until it worked or the endpoint closes.
+        Why an attempt failed is said once, until the reason changes."""
+        wait, said = HEAL_MIN, None
         while True:
             try:
                 self.reconnect(self._connect_timeout,
                                give_up=lambda: self._closing)
-            except (EndpointError, OSError, nbd.Error):
+            except (EndpointError, OSError, nbd.Error) as e:
+                if str(e) != said and not self._closing:
+                    said = str(e)
+                    print(f"nbdmirror: {self.uri}: cannot reconnect yet: "
+                          f"{said}", file=sys.stderr, flush=True)
                 with self._heal_cond:
                     if self._closing or self._heal_cond.wait_for(
                             lambda: self._closing, wait):

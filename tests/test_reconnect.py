@@ -301,6 +301,7 @@ def test_after_a_pivot_a_target_away_past_the_delay_fails_requests_till_back(
             h.pwrite(b"\x11" * 4096, 0)         # past the 1 s: an error
         with pytest.raises(nbd.Error):
             h.pread(4096, 0)                    # and the next at once
+        wait_in_log(rig.proxy.proc, "cannot reconnect yet: ")   # says why
         rig.restart_target()
         # The proxy reconnected by itself: requests work again.
         wait_in_log(rig.proxy.proc, "reconnected after")
