@@ -96,6 +96,9 @@ def test_write_blocking_workload_racing_slow_copies_matches_shadow(
     # phase 1 at ~4 s, so they overlap it.
     rig.mirror(copy_mode="write-blocking", granularity=granularity,
                speed=1 * MiB, **{"buf-size": 64 << 10})
+    # From `running` on, guest writes go through (before it, under load,
+    # the 30 ops could all be over).
+    rig.log.wait("JOB_STATUS_CHANGE", "running")
     with load.running():
         load.wait_ops(30)
         assert rig.job()["status"] == "running", "phase 1 ended too soon"
