@@ -65,6 +65,30 @@ def deadline_poll(check, timeout, what, interval=0.02):
         time.sleep(interval)
 
 
+def wait_in_log(proc, text, timeout=15):
+    """Poll until the whole log of `proc` (a helpers.Processes process)
+    holds `text` (Processes.output() is only its tail)."""
+    def said():
+        with open(proc.log, errors="replace") as f:
+            return text in f.read()
+    deadline_poll(said, timeout, f"{text!r} in {proc.log}")
+
+
+def in_thread(fn):
+    """Run fn() in a thread: (thread, outcome), outcome filled with
+    ("ok", value) or ("raised", exception) when it ends."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", fn()))
+        except Exception as e:          # noqa: BLE001 - the test looks
+            outcome.append(("raised", e))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, outcome
+
+
 # -- unix sockets as the server sees them ------------------------------------------
 
 _SO_ACCEPTCON = 0x10000     # /proc/net/unix Flags of a listening socket

@@ -15,7 +15,7 @@ import nbd
 import pytest
 
 from helpers import nbdkit_server
-from servers import deadline_poll, frozen
+from servers import deadline_poll, frozen, in_thread
 from nbdmirror import nbdconn
 from nbdmirror.nbdconn import NbdConnection
 
@@ -51,21 +51,6 @@ def read(c, length, offset):
     buf = nbd.Buffer(length)
     c.call(lambda cb: c.h.aio_pread(buf, offset, completion=cb))
     return buf.to_bytearray()
-
-
-def in_thread(fn):
-    """Run fn() in a thread: (thread, outcome), outcome filled with
-    ("ok", value) or ("raised", exception) when it ends."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", fn()))
-        except Exception as e:          # noqa: BLE001 - the test looks
-            outcome.append(("raised", e))
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, outcome
 
 
 def raised_within(thread, outcome, seconds):

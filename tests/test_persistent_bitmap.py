@@ -20,7 +20,7 @@ from helpers import (REPO, EventLog, guest_write, make_image, nbd_read_all,
                      qemu_nbd, qmp_execute, random_bytes,
                      sha256_file, start_proxy)
 from nbdmirror import activitylog, bitmapfile
-from servers import deadline_poll
+from servers import wait_in_log
 from test_crash_resume import Writer, kill_hard, matches, wait_job
 import test_quit
 from test_sync_modes import top_chain, top_clusters  # noqa: F401
@@ -316,11 +316,7 @@ def test_after_a_pivot_a_restart_serves_the_target_and_reconnects_to_it(
     r.complete()
     r.stop("sigkill")
     r.start(reconnect_delay=20)
-
-    def said(text):
-        return lambda: text in procs.output(r.proxy.proc)
-    deadline_poll(said("the job pivoted; serving its target"), 10,
-                  "the proxy saying it serves the pivoted target")
+    wait_in_log(r.proxy.proc, "the job pivoted; serving its target")
     server = next(p for p in procs.procs if p.name == "qemu-nbd")
     procs.kill(server, signal.SIGKILL)
     server.wait(10)
@@ -328,7 +324,7 @@ def test_after_a_pivot_a_restart_serves_the_target_and_reconnects_to_it(
     (workdir / "tgt.sock").unlink()
     qemu_nbd(procs, r.tgt, workdir / "tgt.sock")
     guest_write(r.proxy.uri, r.shadow, (3 * M, 4 * K, 0x73))
-    deadline_poll(said("reconnected after"), 10, "the proxy reconnecting")
+    wait_in_log(r.proxy.proc, "reconnected after")
     r.stop("quit")
     assert read(r.tgt) == bytes(r.shadow)
 

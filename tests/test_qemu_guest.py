@@ -9,14 +9,13 @@ serving any number of clients, and qemu-nbd with its defaults (one client).
 """
 
 import signal
-import threading
 
 import pytest
 
 from helpers import (EventLog, job_status, make_image, ok, qemu_img_compare,
                      qmp_execute, random_bytes, start_proxy)
-from servers import (QemuGuest, deadline_poll, read_file, start_target,
-                     wait_closed, write_file)
+from servers import (QemuGuest, in_thread, read_file, start_target,
+                     wait_closed, wait_in_log, write_file)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,6 +33,18 @@ class Writes:
     def __call__(self, offset, length, pattern, verb="write"):
         self.shadow[offset:offset + length] = bytes([pattern]) * length
         return f"{verb} -P {pattern:#x} {offset} {length}"
+
+
+def quit_and_compare(workdir, procs, vm, proxy, target, shadow):
+    """QEMU quits, then the proxy and the target stop: the target file
+    holds what QEMU wrote (`shadow`)."""
+    assert vm.quit() == 0
+    procs.stop(proxy.proc)
+    wait_closed(target.sock)
+    procs.stop(target.proc)
+    expected = write_file(workdir / "shadow.img", bytes(shadow))
+    assert qemu_img_compare(target.image, expected) == 0, \
+        "target file differs from what QEMU wrote"
 
 
 @pytest.mark.parametrize("kind", ["qemu-nbd-shared", "qemu-nbd-defaults"])
@@ -78,13 +89,7 @@ def test_qemu_guest_writes_through_copy_ready_pivot_and_after(
     assert read_file(src, after[0], after[1]) != bytes([0x66]) * after[1], \
         "a write after the pivot reached the source"
 
-    assert vm.quit() == 0
-    procs.stop(proxy.proc)
-    wait_closed(target.sock)
-    procs.stop(target.proc)
-    expected = write_file(workdir / "shadow.img", bytes(shadow))
-    assert qemu_img_compare(tgt_img, expected) == 0, \
-        "target file differs from what QEMU wrote"
+    quit_and_compare(workdir, procs, vm, proxy, target, shadow)
 
 
 def test_qemu_guest_keeps_its_disk_when_the_target_restarts_after_the_pivot(
@@ -116,30 +121,14 @@ def test_qemu_guest_keeps_its_disk_when_the_target_restarts_after_the_pivot(
     # (HMP's qemu-io on a node drains its requests before it returns: the
     # monitor waits with it, so it runs in a thread.)
     writes = [w(3 * MiB, 131072, 0x42), w(11 * MiB + 1, 4096, 0x43)]
-    outcome = []
-
-    def write():
-        try:
-            vm.io(*writes)
-            outcome.append("ok")
-        except Exception as e:          # noqa: BLE001 - the test looks
-            outcome.append(e)
-    waiting = threading.Thread(target=write, daemon=True)
-    waiting.start()
-    deadline_poll(lambda: "connection lost" in procs.output(proxy.proc), 15,
-                  "the proxy meeting the lost target")
+    waiting, outcome = in_thread(lambda: vm.io(*writes))
+    wait_in_log(proxy.proc, "connection lost")
     assert waiting.is_alive()
     target = start_target(procs, "qemu-nbd-defaults", tgt_img, sock)
     waiting.join(30)
-    assert outcome == ["ok"]
+    assert [how for how, _ in outcome] == ["ok"], outcome
     vm.io("aio_flush", f"read -P 0x42 {3 * MiB} 131072",
           f"read -P 0x43 {11 * MiB + 1} 4096",
           f"read -P 0x41 {MiB + 7} 70000")
 
-    assert vm.quit() == 0
-    procs.stop(proxy.proc)
-    wait_closed(target.sock)
-    procs.stop(target.proc)
-    expected = write_file(workdir / "shadow.img", bytes(shadow))
-    assert qemu_img_compare(tgt_img, expected) == 0, \
-        "target file differs from what QEMU wrote"
+    quit_and_compare(workdir, procs, vm, proxy, target, shadow)

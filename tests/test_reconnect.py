@@ -11,9 +11,9 @@ outlives the process); tests/plugins/file_target.py with volatile=1 loses every 
 since its last flush, as NBD allows a server to.
 """
 
+import contextlib
 import signal
 import subprocess
-import threading
 import time
 
 import nbd
@@ -22,7 +22,7 @@ import pytest
 from helpers import (EventLog, assert_holds, guest_write, job_status,
                      make_image, nbdkit_server, ok, qemu_nbd, qmp_execute,
                      random_bytes, start_proxy)
-from servers import PLUGINS
+from servers import PLUGINS, frozen, in_thread, wait_in_log
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -208,61 +208,45 @@ def test_force_cancel_during_a_stalled_reconnect_ends_within_5s(
 
 # -- after a pivot: the guest's disk -------------------------------------------
 
+@contextlib.contextmanager
 def pivoted(rig):
-    """Ready, completed: the proxy serves the guest from the target."""
+    """Ready, completed: the proxy serves the guest from the target.  Yields
+    a guest connection that stays open (shut down at the end, if the proxy
+    still answers)."""
     rig.log.wait("BLOCK_JOB_READY", timeout=30)
     rig.complete_and_check()
     h = nbd.NBD()
-    h.connect_uri(rig.proxy.uri)            # a guest that stays connected
-    return h
+    h.connect_uri(rig.proxy.uri)
+    try:
+        yield h
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
 
 
-def write_in_thread(h, payload, offset):
-    """h.pwrite in a thread: (thread, outcome), outcome ["ok"] or [error]
-    once it ended."""
-    outcome = []
-
-    def write():
-        try:
-            h.pwrite(payload, offset)
-            outcome.append("ok")
-        except nbd.Error as e:
-            outcome.append(e)
-    t = threading.Thread(target=write, daemon=True)
-    t.start()
-    return t, outcome
-
-
-def wait_in_log(proc, text, timeout=15):
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(proc.log, errors="replace") as f:
-            if text in f.read():
-                return
-        assert time.monotonic() < deadline, f"no {text!r} in {proc.log}"
-        time.sleep(0.02)
+def written(rig, h, offset, payload):
+    """The guest wrote `payload` at `offset` (answered): flushed, it is in
+    the guest's view and on the target."""
+    rig.shadow[offset:offset + len(payload)] = payload
+    h.flush()
+    rig.check()
 
 
 def test_after_a_pivot_a_guest_write_waits_for_a_restarted_target(
         workdir, procs, qmp):
     rig = Rig(workdir, procs, qmp, reconnect_delay=20)
-    h = pivoted(rig)
-    try:
+    with pivoted(rig) as h:
         rig.kill_target()
         payload = b"\x6b" * 65536
-        t, outcome = write_in_thread(h, payload, 9 * MiB + 512)
+        t, outcome = in_thread(lambda: h.pwrite(payload, 9 * MiB + 512))
         # The write found the connection lost and waits (not failed).
         wait_in_log(rig.proxy.proc, "connection lost")
         assert outcome == []
         rig.restart_target()
         t.join(20)
-        assert outcome == ["ok"]
-        rig.shadow[9 * MiB + 512:9 * MiB + 512 + len(payload)] = payload
+        assert outcome == [("ok", None)]
         wait_in_log(rig.proxy.proc, "reconnected after")
-        h.flush()
-        rig.check()
-    finally:
-        h.shutdown()
+        written(rig, h, 9 * MiB + 512, payload)
 
 
 def test_after_a_pivot_a_stopped_target_is_dropped_then_reconnected(
@@ -271,31 +255,22 @@ def test_after_a_pivot_a_stopped_target_is_dropped_then_reconnected(
     is dropped, and the write waits for a new one; SIGCONT: the server
     answers the healer's handshake and the write goes through."""
     rig = Rig(workdir, procs, qmp, io_timeout=1, reconnect_delay=20)
-    h = pivoted(rig)
     server = next(p for p in procs.procs if p.name == "qemu-nbd")
-    try:
-        procs.kill(server, signal.SIGSTOP)
+    with pivoted(rig) as h:
         payload = b"\x5e" * 4096
-        t, outcome = write_in_thread(h, payload, 21 * MiB)
-        wait_in_log(rig.proxy.proc, "connection lost")
-        assert outcome == []
-    finally:
-        procs.kill(server, signal.SIGCONT)
-    t.join(20)
-    try:
-        assert outcome == ["ok"]
-        rig.shadow[21 * MiB:21 * MiB + len(payload)] = payload
-        h.flush()
-        rig.check()
-    finally:
-        h.shutdown()
+        with frozen(server):
+            t, outcome = in_thread(lambda: h.pwrite(payload, 21 * MiB))
+            wait_in_log(rig.proxy.proc, "connection lost")
+            assert outcome == []
+        t.join(20)
+        assert outcome == [("ok", None)]
+        written(rig, h, 21 * MiB, payload)
 
 
 def test_after_a_pivot_a_target_away_past_the_delay_fails_requests_till_back(
         workdir, procs, qmp):
     rig = Rig(workdir, procs, qmp, reconnect_delay=1)
-    h = pivoted(rig)
-    try:
+    with pivoted(rig) as h:
         rig.kill_target()
         with pytest.raises(nbd.Error):
             h.pwrite(b"\x11" * 4096, 0)         # past the 1 s: an error
@@ -306,11 +281,7 @@ def test_after_a_pivot_a_target_away_past_the_delay_fails_requests_till_back(
         # The proxy reconnected by itself: requests work again.
         wait_in_log(rig.proxy.proc, "reconnected after")
         h.pwrite(b"\x22" * 4096, 0)
-        rig.shadow[0:4096] = b"\x22" * 4096
-        h.flush()
-        rig.check()
-    finally:
-        h.shutdown()
+        written(rig, h, 0, b"\x22" * 4096)
 
 
 def test_after_a_pivot_sigterm_while_a_guest_waits_for_the_target_exits_in_5s(
@@ -319,15 +290,15 @@ def test_after_a_pivot_sigterm_while_a_guest_waits_for_the_target_exits_in_5s(
     s): SIGTERM still ends the proxy within 5 s (the write is never
     answered: the guest sees the server go, as after a crash)."""
     rig = Rig(workdir, procs, qmp, reconnect_delay=60)
-    h = pivoted(rig)
-    rig.kill_target()
-    t, outcome = write_in_thread(h, b"\x33" * 4096, 0)
-    wait_in_log(rig.proxy.proc, "connection lost")
-    procs.kill(rig.proxy.proc, signal.SIGTERM)
-    try:
-        rc = rig.proxy.proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the proxy still runs 5 s after SIGTERM")
-    assert rc == 0, rig.proxy.proc.log
-    t.join(5)
-    assert len(outcome) == 1 and outcome != ["ok"], outcome
+    with pivoted(rig) as h:
+        rig.kill_target()
+        t, outcome = in_thread(lambda: h.pwrite(b"\x33" * 4096, 0))
+        wait_in_log(rig.proxy.proc, "connection lost")
+        procs.kill(rig.proxy.proc, signal.SIGTERM)
+        try:
+            rc = rig.proxy.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the proxy still runs 5 s after SIGTERM")
+        assert rc == 0, rig.proxy.proc.log
+        t.join(5)
+        assert [how for how, _ in outcome] == ["raised"], outcome
