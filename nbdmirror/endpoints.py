@@ -53,7 +53,8 @@ BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
 MAX_STATUS = 1 << 30            # block status window per request
 ZEROES = bytes(1 << 20)         # source of zero writes
-HEAL_MIN, HEAL_MAX = 0.1, 2.0   # seconds between a healer's attempts
+# Seconds between reconnect attempts, doubling: the job's and a healer's.
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ class NbdEndpoint(Endpoint):
     def _heal_loop(self):
         """The healer: reconnect until it worked or the endpoint closes.
         Why an attempt failed is said once, until the reason changes."""
-        wait, said = HEAL_MIN, None
+        wait, said = RECONNECT_MIN, None
         while True:
             try:
                 self.reconnect(self._connect_timeout,
@@ -310,7 +311,7 @@ class NbdEndpoint(Endpoint):
                             lambda: self._closing, wait):
                         self._healer = None
                         return
-                wait = min(2 * wait, HEAL_MAX)
+                wait = min(2 * wait, RECONNECT_MAX)
                 continue
             with self._heal_cond:
                 down = time.monotonic() - self._lost_at

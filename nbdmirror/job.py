@@ -55,6 +55,7 @@ from .activitylog import NO_LOG
 from .bitmap import DirtyBitmap
 from .chunklocks import ChunkLocks
 from .copier import CopyError, Copier
+from .endpoints import RECONNECT_MAX, RECONNECT_MIN
 from .errors import EndpointError, JobError
 from .jobstate import Action, JobState, Status
 from .nbdconn import LOST
@@ -81,7 +82,6 @@ HOLD_PATIENCE = 1.0     # hold anyway once the backlog stayed big this long
 RATE_INTERVAL = 0.5     # seconds between copy rate samples
 ERROR_EVENT_INTERVAL = 0.1   # BLOCK_JOB_ERROR at most this often (`ignore`)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0   # `ignore` retries, doubling
-RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0   # between reconnect attempts
 
 
 class Job:
