@@ -401,7 +401,7 @@ class FakeEndpoint:
             buf[:] = self.data[offset:offset + len(buf)]
 
     def pwrite(self, buf, offset, fua=False):
-        self._sync("write", offset, len(buf), memoryview(bytes(buf)))
+        self.pwrite_during(None, buf, offset, fua)
 
     def pwrite_during(self, meanwhile, buf, offset, fua=False):
         self._sync("write", offset, len(buf), memoryview(bytes(buf)),
@@ -410,7 +410,7 @@ class FakeEndpoint:
     def zero(self, count, offset, may_trim=False, fua=False, fast=False):
         if fast and not self.can_fast_zero:
             raise OSError(errno.ENOTSUP, "fast zero not supported")
-        self._sync("zero", offset, count, None)
+        self.zero_during(None, count, offset, may_trim, fua)
 
     def zero_during(self, meanwhile, count, offset, may_trim=False,
                     fua=False):
